@@ -1,0 +1,98 @@
+"""The ``fmbseg`` command.
+
+Sub-commands are declared here with their arguments and run by a function named as
+``module:function``, imported only when that sub-command runs, so ``fmbseg --help`` stays
+fast. Errors meant for users (:class:`FmbsegError`) print as one line; ``--debug`` shows
+the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from fmbseg import __version__
+
+
+def _params_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--params", default=None, help="params file (default: ./params.yaml when present)"
+    )
+    parser.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override one param (repeatable), e.g. -S models.device=cuda",
+    )
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    target: str  # "module:function", called with the parsed arguments
+    arguments: Callable[[argparse.ArgumentParser], None] = _params_arguments
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("config", "print the resolved params (defaults <- file <- -S)", "fmbseg.commands:show_config"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fmbseg",
+        description="Annotation-free, open-vocabulary semantic segmentation (FMbSeg).",
+    )
+    parser.add_argument("--version", action="version", version=f"fmbseg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.arguments(sub)
+        sub.set_defaults(target=command.target)
+    return parser
+
+
+def _run(target: str, args: argparse.Namespace) -> int:
+    module, _, function = target.partition(":")
+    result = getattr(importlib.import_module(module), function)(args)
+    return int(result or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from fmbseg.environment import apply_quiet_defaults
+    from fmbseg.errors import FmbsegError
+
+    apply_quiet_defaults()
+    try:
+        return _run(args.target, args)
+    except FmbsegError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

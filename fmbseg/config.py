@@ -1,0 +1,174 @@
+"""Typed, frozen configuration built from ``params.yaml`` sections.
+
+Resolution order (as in DINOv2): class defaults <- params file <- ``key.path=value`` overrides.
+Validation is strict: an unknown key or a value of the wrong type is a :class:`ConfigError`
+naming the file and the dotted key. The library takes these objects; only entry points read
+files, and every stage saves the resolved configuration next to its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from fmbseg.errors import ConfigError
+from fmbseg.io.atomic import write_text_atomic
+
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+class FrozenConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClipConfig(FrozenConfig):
+    """The vision-language model that detects classes and gives dense patch embeddings."""
+
+    backend: str = "open_clip"
+    model: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    checkpoint: str | None = None
+    allow_random_init: bool = False
+    dense_attention: Literal["maskclip", "clearclip", "sclip"] = "maskclip"
+    batch_size: int = 16
+
+
+class SamConfig(FrozenConfig):
+    """The promptable segmenter that turns points into masks and proposes masks."""
+
+    backend: str = "segment_anything"
+    variant: str = "vit_b"
+    checkpoint: str | None = None
+    allow_random_init: bool = False
+    points_per_batch: int = 64
+
+
+class EncoderConfig(FrozenConfig):
+    """The frozen self-supervised patch encoder that Stage 2 aligns to text."""
+
+    backend: str = "timm"
+    model: str = "vit_small_patch14_dinov2.lvd142m"
+    checkpoint: str | None = None
+    allow_random_init: bool = False
+    # Architecture keyword arguments passed to timm (e.g. a tiny depth for tests).
+    overrides: dict[str, int | float | bool | str] = {}
+    batch_size: int = 8
+
+
+class AutoMaskConfig(FrozenConfig):
+    """SAM automatic mask generation on one grid over the whole image (route 1.2)."""
+
+    points_per_side: int = 32
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    # Area bounds as fractions of the image area, so they hold at any resolution.
+    min_area_fraction: float = 0.0
+    max_area_fraction: float = 1.0
+
+
+class ModelsConfig(FrozenConfig):
+    clip: ClipConfig = ClipConfig()
+    sam: SamConfig = SamConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    # Searched (with $FMBSEG_WEIGHTS_DIR) before any download; one sub-folder per role.
+    weights_dir: str | None = "weights"
+    device: str = "cpu"
+    precision: Precision = "fp32"
+
+
+class Params(FrozenConfig):
+    """Everything ``params.yaml`` may hold; each stage reads its own sections."""
+
+    models: ModelsConfig = ModelsConfig()
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar or flow value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected KEY.PATH=VALUE")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    merged = json.loads(json.dumps(data))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{location}: unknown key"
+    got = error.get("input")
+    return f"{location}: {error['msg']} (got {got!r})"
+
+
+def validate(model: type[C], data: Mapping[str, Any], source: str) -> C:
+    """Build ``model`` from plain data, strictly, with a one-line error on the first problem."""
+    try:
+        return model.model_validate_json(json.dumps(data), strict=True)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ConfigError(f"{source}: {_describe(errors[0])}{more}") from None
+    except TypeError as exc:
+        raise ConfigError(f"{source}: values must be plain YAML data ({exc})") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{file}: params file not found")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{file}:{where} not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_params(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Params:
+    """Defaults <- ``path`` (if given) <- overrides."""
+    data = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + overrides"
+    return validate(Params, data, source)
+
+
+def to_yaml(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def save_config(config: BaseModel, path: str | Path) -> None:
+    """Write the resolved configuration beside a stage's outputs (atomically)."""
+    write_text_atomic(path, to_yaml(config))

@@ -1,0 +1,1 @@
+"""File and network I/O shared by the stages."""

@@ -1,0 +1,1 @@
+"""Model roles (interfaces), the backends behind them, and their weight resolution."""

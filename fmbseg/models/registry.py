@@ -1,0 +1,65 @@
+"""Backends by role and name, so a stage builds whatever the config names.
+
+Built-in backends are registered by import path and imported only when built; others
+(SigLIP, MobileSAM, SAM 2, test fakes) register a factory with :func:`register_backend`.
+A factory takes the whole :class:`ModelsConfig` and reads its own section.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from fmbseg.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fmbseg.config import ModelsConfig
+    from fmbseg.models.base import PatchEncoder, PromptableSegmenter, VisionLanguageModel
+
+Factory = Callable[["ModelsConfig"], Any]
+
+ROLES = ("clip", "sam", "encoder")
+
+_registry: dict[str, dict[str, Factory | str]] = {
+    "clip": {"open_clip": "fmbseg.models.clip:build", "oracle": "fmbseg.oracle.fakes:build_clip"},
+    "sam": {
+        "segment_anything": "fmbseg.models.sam:build",
+        "oracle": "fmbseg.oracle.fakes:build_sam",
+    },
+    "encoder": {"timm": "fmbseg.models.encoder:build", "oracle": "fmbseg.oracle.fakes:build_encoder"},
+}
+
+
+def register_backend(role: str, name: str, factory: Factory) -> None:
+    if role not in _registry:
+        raise ValueError(f"unknown model role {role!r}; roles: {', '.join(ROLES)}")
+    _registry[role][name] = factory
+
+
+def available_backends(role: str) -> list[str]:
+    return sorted(_registry[role])
+
+
+def _factory(role: str, name: str) -> Factory:
+    entry = _registry[role].get(name)
+    if entry is None:
+        known = ", ".join(available_backends(role))
+        raise ConfigError(f"models.{role}.backend: unknown backend {name!r} (known: {known})")
+    if isinstance(entry, str):
+        module, _, attribute = entry.partition(":")
+        entry = getattr(importlib.import_module(module), attribute)
+        _registry[role][name] = entry
+    return entry
+
+
+def build_vision_language_model(models: ModelsConfig) -> VisionLanguageModel:
+    return _factory("clip", models.clip.backend)(models)
+
+
+def build_segmenter(models: ModelsConfig) -> PromptableSegmenter:
+    return _factory("sam", models.sam.backend)(models)
+
+
+def build_patch_encoder(models: ModelsConfig) -> PatchEncoder:
+    return _factory("encoder", models.encoder.backend)(models)
