@@ -1,0 +1,75 @@
+"""Reading user images robustly: any common mode, EXIF orientation, a pixel limit.
+
+Every failure is an :class:`InputError` naming the file, so a stage can record it and move on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from fmbseg.errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files below ``folder``, sorted by relative path (stable ids across runs)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"{root}: image folder not found")
+    return sorted(
+        path
+        for path in root.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not path.name.startswith(".")
+    )
+
+
+def image_id(path: Path, root: Path) -> str:
+    """The image's path below ``root`` without its suffix, with forward slashes."""
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def _to_rgb_array(image) -> np.ndarray:  # noqa: ANN001 (PIL.Image.Image, imported lazily)
+    if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        gray = np.clip(np.round(values * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        gray = np.clip(np.asarray(image, dtype=np.float64), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, upright per EXIF; refuses images above ``max_pixels`` unread."""
+    from PIL import Image, ImageOps
+
+    file = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise InputError(
+                        f"{file}: {width}x{height} pixels exceeds the limit of {max_pixels}"
+                    )
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+                array = _to_rgb_array(upright)
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{file}: no such file") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"{file}: image too large (decompression bomb guard)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"{file}: cannot decode image ({exc})") from None
+    if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise InputError(f"{file}: empty image")
+    return array
