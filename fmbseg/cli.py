@@ -41,8 +41,38 @@ class Command:
     arguments: Callable[[argparse.ArgumentParser], None] = _params_arguments
 
 
+def _pseudolabel_arguments(parser: argparse.ArgumentParser) -> None:
+    _params_arguments(parser)
+    parser.add_argument("--images", required=True, help="folder of unlabelled images")
+    parser.add_argument("--vocabulary", required=True, help="text file, one class name per line")
+    parser.add_argument("--out", required=True, help="output folder (resumable)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    parser.add_argument(
+        "--image-labels", default=None, help="JSON {image_id: [class, ...]}: semi-supervised variant"
+    )
+    parser.add_argument("--worker", default="0/1", help="I/N: process every N-th shard from I")
+
+
+def _merge_arguments(parser: argparse.ArgumentParser) -> None:
+    _params_arguments(parser)
+    parser.add_argument("--pseudolabels", required=True, help="a finished pseudolabel folder")
+    parser.add_argument("--out", required=True, help="output folder for label maps")
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("config", "print the resolved params (defaults <- file <- -S)", "fmbseg.commands:show_config"),
+    Command(
+        "pseudolabel",
+        "Stage 1: CLIP+SAM pseudo-labels (routes 1.1 and 1.2) for a folder of images",
+        "fmbseg.stages:pseudolabel",
+        _pseudolabel_arguments,
+    ),
+    Command(
+        "merge",
+        "Stage 1: subsample route 1.2, merge with 1.1 into label maps",
+        "fmbseg.stages:merge",
+        _merge_arguments,
+    ),
 )
 
 

@@ -83,10 +83,69 @@ class ModelsConfig(FrozenConfig):
     precision: Precision = "fp32"
 
 
+class PseudoLabelConfig(FrozenConfig):
+    """Stage 1 (routes 1.1 and 1.2) for one dataset split."""
+
+    # Prompt templates, averaged per class; the paper uses one.
+    templates: tuple[str, ...] = ("a photo of a {}.",)
+    # The image is resized so its short side is this many pixels (then to whole CLIP patches)
+    # and cut into CLIP-sized crops every ``crop_stride`` pixels (a multiple of the patch size).
+    short_side: int = 448
+    crop_stride: int = 112
+    min_crops: int = 1
+    points_per_class: int = 5
+    routes: tuple[Literal["1.1", "1.2"], ...] = ("1.1", "1.2")
+    automask: AutoMaskConfig = AutoMaskConfig()
+    images_per_shard: int = 64
+    # The stage fails at the end when more than this fraction of images could not be read.
+    max_failed_fraction: float = 0.05
+    max_image_pixels: int = 50_000_000
+
+
+class MergeConfig(FrozenConfig):
+    """Subsampling of route 1.2 and merging with route 1.1 into label maps."""
+
+    route_12_fraction: float = 0.2
+    seed: int = 0
+
+
+class FeaturesConfig(FrozenConfig):
+    """Stage 2's cache of frozen-encoder patch features and patch pseudo-labels."""
+
+    # Images are resized to this square side (a multiple of the encoder's patch size).
+    image_size: int = 448
+    # A patch takes its majority pseudo-label if that label covers at least this fraction
+    # of the patch's pixels; otherwise it is ignored by the loss.
+    min_label_fraction: float = 0.5
+    images_per_shard: int = 256
+
+
+class TrainConfig(FrozenConfig):
+    """Stage 2's alignment module and its training."""
+
+    loss: Literal["fmbseg", "cross_entropy", "supcon"] = "fmbseg"
+    temperature: float = 0.1
+    epochs: int = 10
+    batch_size: int = 5
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    seed: int = 0
+    depth: int = 1
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    # Start from a trained module (per-dataset fine-tuning, as in the paper's appendix).
+    init_from: str | None = None
+
+
 class Params(FrozenConfig):
     """Everything ``params.yaml`` may hold; each stage reads its own sections."""
 
     models: ModelsConfig = ModelsConfig()
+    pseudolabel: PseudoLabelConfig = PseudoLabelConfig()
+    merge: MergeConfig = MergeConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    train: TrainConfig = TrainConfig()
 
 
 C = TypeVar("C", bound=BaseModel)

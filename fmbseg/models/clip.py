@@ -1,0 +1,368 @@
+"""open_clip backend of the vision-language role: text, image and dense patch embeddings.
+
+Any open_clip architecture with open_clip's own ViT image tower works (ViT-B-32, ViT-B-16,
+ViT-L-14, ViT-L-14-336, ...). The pretrained tag (``models.clip.pretrained``) describes the
+weights' family: its standard download, its activation (OpenAI's weights need QuickGELU) and its
+pixel mean/std. A local checkpoint or weights-directory file replaces only the download.
+
+Image path: blocks ``0..L-2`` run once; only the last block branches.
+
+- Class embedding: the ordinary last block, open_clip's pooling, ``ln_post`` and ``proj``.
+- Dense patch embeddings (``models.clip.dense_attention``), from ``ln_1`` of the last block's input:
+
+  - ``maskclip``: the value projection of every token, no token mixing (query-key attention
+    skipped);
+  - ``clearclip``: query-query attention, ``softmax(q qᵀ / √d) v``;
+  - ``sclip``: SCLIP's correlative attention, ``(softmax(q qᵀ / √d) + softmax(k kᵀ / √d)) v``;
+
+  then the attention's output projection (and layer scale, if any), ``ln_post`` and ``proj``.
+
+  The last block's residual connection and its FFN are dropped for all three. The residual
+  stream carries the image-level signal that ClearCLIP identifies as the main source of noise
+  in patch tokens, and the FFN was trained on that residual stream, so it would see inputs out
+  of its distribution. This is the recipe in METHOD.md. SCLIP's published code keeps both
+  around its attention; here the three options differ only in how tokens are mixed, which
+  makes them a clean ablation.
+
+Inputs of any size whose sides are multiples of the patch size work: the positional embedding
+grid is resized bicubically (as open_clip does when it loads weights) and cached per grid size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
+
+from fmbseg.config import ClipConfig, ModelsConfig
+from fmbseg.errors import ConfigError, WeightsError
+from fmbseg.models.base import DenseEmbeddings, WeightProvenance
+from fmbseg.models.runtime import Runtime
+from fmbseg.models.weights import WeightsRequest, resolve_weights
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+HF_HUB_URL = "https://huggingface.co"
+
+# Image-tower options that replace the attention block or the pooling this backend branches.
+_UNSUPPORTED_VISION_OPTIONS = (
+    "timm_model_name",
+    "attentional_pool",
+    "qk_norm",
+    "scaled_cosine_attn",
+    "scale_heads",
+    "scale_attn_inner",
+    "scale_attn",
+    "scale_fc",
+)
+
+
+def build(models: ModelsConfig) -> OpenClipModel:
+    """The registry's factory: check the architecture, resolve weights, load, freeze."""
+    cfg = models.clip
+    runtime = Runtime.from_config(models)
+    device = runtime.torch_device()
+    if cfg.batch_size < 1:
+        raise ConfigError(f"models.clip.batch_size: must be at least 1 (got {cfg.batch_size})")
+    name = cfg.model.replace("/", "-")
+    _check_architecture(name)
+    pretrained_cfg = _pretrained_cfg(name, cfg.pretrained)
+    resolved = resolve_weights(
+        _weights_request(name, cfg.pretrained, pretrained_cfg),
+        checkpoint=cfg.checkpoint,
+        weights_dir=models.weights_dir,
+        allow_random_init=cfg.allow_random_init,
+    )
+    network = _create_network(name, pretrained_cfg)
+    if resolved.path is not None:
+        _load_weights(network, resolved.path, name)
+    return OpenClipModel(
+        network.to(device),
+        open_clip.get_tokenizer(name),
+        runtime,
+        resolved.provenance,
+        cfg,
+    )
+
+
+class OpenClipModel:
+    """A frozen open_clip CLIP behind the :class:`VisionLanguageModel` interface."""
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        runtime: Runtime,
+        provenance: WeightProvenance,
+        cfg: ClipConfig,
+    ) -> None:
+        self.network = network.eval().requires_grad_(False)
+        self.provenance = provenance
+        self.dense_attention = cfg.dense_attention
+        self._tokenizer = tokenizer
+        self._runtime = runtime
+        self._batch_size = cfg.batch_size
+        self._device = runtime.torch_device()
+        preprocess = network.visual.preprocess_cfg
+        self._mean, self._std = (
+            torch.tensor(preprocess[key], device=self._device).view(1, 3, 1, 1)
+            for key in ("mean", "std")
+        )
+        self._positions: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def image_size(self) -> int:
+        return int(self.network.visual.image_size[0])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.network.visual.patch_size[0])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.network.visual.output_dim)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            raise TypeError("encode_text takes a list of prompts, not a single string")
+        chunks = [
+            self._encode_text_batch(list(texts[start : start + self._batch_size]))
+            for start in range(0, len(texts), self._batch_size)
+        ]
+        if not chunks:
+            return torch.empty(0, self.embed_dim, device=self._device)
+        return torch.cat(chunks)
+
+    def encode_images(self, images: torch.Tensor) -> DenseEmbeddings:
+        self._check_images(images)
+        pairs = [self._encode_image_batch(chunk) for chunk in images.split(self._batch_size)]
+        return DenseEmbeddings(
+            image=torch.cat([image for image, _ in pairs]),
+            patches=torch.cat([patches for _, patches in pairs]),
+        )
+
+    def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
+        tokens = self._tokenizer(texts).to(self._device)
+        with torch.no_grad(), self._runtime.autocast():
+            features = self.network.encode_text(tokens)
+        return F.normalize(features.float(), dim=-1)
+
+    def _encode_image_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = self.network.visual
+        batch, _, height, width = images.shape
+        grid = (height // self.patch_size, width // self.patch_size)
+        with torch.no_grad(), self._runtime.autocast():
+            pixels = (images.to(self._device, torch.float32) - self._mean) / self._std
+            tokens = self._input_tokens(pixels, grid)
+            *shared_blocks, last_block = visual.transformer.resblocks
+            for block in shared_blocks:
+                tokens = block(tokens)
+            # open_clip's own pooling: class token or patch average, its final-norm placement.
+            pooled, _ = visual._pool(last_block(tokens))
+            image = pooled @ visual.proj
+            patches = (
+                visual.ln_post(self._dense_last_block(last_block, tokens)[:, 1:]) @ visual.proj
+            )
+        image = F.normalize(image.float(), dim=-1)
+        patches = F.normalize(patches.float(), dim=-1).reshape(batch, *grid, -1)
+        return image, patches
+
+    def _input_tokens(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch tokens after the class token, positions for this grid and ``ln_pre``."""
+        visual = self.network.visual
+        patches = visual.conv1(pixels).flatten(2).transpose(1, 2)
+        class_token = visual.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        tokens = torch.cat([class_token, patches], dim=1)
+        return visual.ln_pre(tokens + self._positional_embedding(grid).to(tokens.dtype))
+
+    def _positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The learnt table at the pretraining grid, else its bicubic resize (cached)."""
+        visual = self.network.visual
+        table = visual.positional_embedding
+        if grid == tuple(visual.grid_size):
+            return table
+        if grid not in self._positions:
+            width = table.shape[-1]
+            trained = table[1:].reshape(1, *visual.grid_size, width).permute(0, 3, 1, 2)
+            resized = F.interpolate(
+                trained.float(), size=grid, mode="bicubic", antialias=True, align_corners=False
+            )
+            patch_rows = resized.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], width)
+            self._positions[grid] = torch.cat([table[:1].float(), patch_rows]).to(table.dtype)
+        return self._positions[grid]
+
+    def _dense_last_block(
+        self, block: ResidualAttentionBlock, tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """The last block's attention branch with the configured token mixing; no residual, no FFN."""
+        attention = block.attn
+        query, key, value = F.linear(
+            block.ln_1(tokens), attention.in_proj_weight, attention.in_proj_bias
+        ).chunk(3, dim=-1)
+        if self.dense_attention == "maskclip":
+            mixed = value
+        else:
+            heads = attention.num_heads
+            query, key, value = (_split_heads(t, heads) for t in (query, key, value))
+            mixed = F.scaled_dot_product_attention(query, query, value)
+            if self.dense_attention == "sclip":
+                mixed = mixed + F.scaled_dot_product_attention(key, key, value)
+            mixed = _merge_heads(mixed)
+        return block.ls_1(attention.out_proj(mixed))
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+            raise ValueError(f"expected images shaped (B>0, 3, H, W), got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"expected float RGB in [0, 1], got {images.dtype}")
+        height, width = images.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}"
+            )
+
+
+def _split_heads(tokens: torch.Tensor, heads: int) -> torch.Tensor:
+    batch, length, width = tokens.shape
+    return tokens.reshape(batch, length, heads, width // heads).transpose(1, 2)
+
+
+def _merge_heads(tokens: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, head_width = tokens.shape
+    return tokens.transpose(1, 2).reshape(batch, length, heads * head_width)
+
+
+def _check_architecture(name: str) -> None:
+    """Refuse, before any weights are looked for, architectures whose last block we cannot branch."""
+    model_cfg = open_clip.get_model_config(name) if name in open_clip.list_models() else None
+    if model_cfg is None:
+        raise ConfigError(
+            f"models.clip.model: {name!r} is not an open_clip architecture "
+            "(see open_clip.list_models())"
+        )
+    vision = model_cfg["vision_cfg"]
+    options = [option for option in _UNSUPPORTED_VISION_OPTIONS if vision.get(option)]
+    if isinstance(vision.get("layers"), (list, tuple)):
+        options.append("ResNet image tower")
+    if vision.get("block_type") not in (None, "default"):
+        options.append(f"block_type={vision['block_type']}")
+    if options:
+        raise ConfigError(
+            f"models.clip.model: {name} has no plain open_clip ViT image tower "
+            f"({', '.join(options)}); dense patch embeddings need one"
+        )
+
+
+def _pretrained_cfg(name: str, tag: str | None) -> dict[str, Any]:
+    if tag is None:
+        return {}
+    pretrained_cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not pretrained_cfg:
+        known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise ConfigError(
+            f"models.clip.pretrained: {tag!r} is not an open_clip tag of {name} (known: {known})"
+        )
+    return pretrained_cfg
+
+
+def _weights_request(name: str, tag: str | None, pretrained_cfg: dict[str, Any]) -> WeightsRequest:
+    stem = f"{name}-{tag}" if tag else name
+    source_url: str | None = None
+    download: Callable[[], Path] | None = None
+    hub = pretrained_cfg.get("hf_hub", "")
+    url = pretrained_cfg.get("url", "")
+    if hub and open_clip.pretrained.has_hf_hub():
+        # open_clip's hub entries read "org/repo/" or "org/repo/file": the repository is the head.
+        source_url = f"{HF_HUB_URL}/{hub.rsplit('/', 1)[0]}"
+    elif url:
+        source_url = url
+    if source_url is not None:
+        download = lambda: Path(open_clip.download_pretrained(pretrained_cfg))
+    return WeightsRequest(
+        role="clip",
+        model=f"{name}:{tag}" if tag else name,
+        filenames=tuple(f"{stem}{suffix}" for suffix in CHECKPOINT_SUFFIXES),
+        source_url=source_url,
+        download=download,
+    )
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextmanager
+def _without_random_init_notice() -> Iterator[None]:
+    """open_clip reports random init for every model built without a tag; ours may load next."""
+    notice_filter = _DropRandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice_filter)
+
+
+def _create_network(name: str, pretrained_cfg: dict[str, Any]) -> torch.nn.Module:
+    normalisation = {key: pretrained_cfg[key] for key in ("mean", "std") if key in pretrained_cfg}
+    with _without_random_init_notice():
+        return open_clip.create_model(
+            name,
+            pretrained=None,
+            force_quick_gelu=bool(pretrained_cfg.get("quick_gelu", False)),
+            force_preprocess_cfg=normalisation,
+        )
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors only: safetensors, or ``torch.load`` with ``weights_only`` (no arbitrary pickles)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch and safetensors raise many kinds
+        reason = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+        raise WeightsError(
+            f"{path}: not readable as a weights-only checkpoint ({reason})"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: expected a state dict of tensors")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def _state_mismatch(
+    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]
+) -> str | None:
+    """The first few differences between two state dicts, in one line, or None."""
+    problems = []
+    if missing := sorted(expected.keys() - found.keys()):
+        problems.append(f"{len(missing)} missing tensors, e.g. {missing[0]}")
+    if unexpected := sorted(found.keys() - expected.keys()):
+        problems.append(f"{len(unexpected)} unexpected tensors, e.g. {unexpected[0]}")
+    for key in sorted(expected.keys() & found.keys()):
+        if expected[key].shape != found[key].shape:
+            problems.append(
+                f"{key} is {tuple(found[key].shape)}, expected {tuple(expected[key].shape)}"
+            )
+            break
+    return "; ".join(problems) or None
+
+
+def _load_weights(network: torch.nn.Module, path: Path, name: str) -> None:
+    state = _read_state_dict(path)
+    mismatch = _state_mismatch(network.state_dict(), state)
+    if mismatch is not None:
+        raise WeightsError(f"{path}: not an open_clip {name} checkpoint ({mismatch})")
+    network.load_state_dict(state, strict=True)
