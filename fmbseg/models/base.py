@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from fmbseg.config import AutoMaskConfig
 
 
-WeightSource = Literal["file", "weights_dir", "download", "random-init"]
+# "synthetic": a fake with known answers (the oracle world), not a learned model at all.
+WeightSource = Literal["file", "weights_dir", "download", "random-init", "synthetic"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,8 @@ class WeightProvenance:
 
     @property
     def tag(self) -> str:
-        """``sha256:<hex>`` for real weights, ``random-init`` otherwise."""
-        return "random-init" if self.sha256 is None else f"sha256:{self.sha256}"
+        """``sha256:<hex>`` for weights from a file, else the source (``random-init``, ...)."""
+        return self.source if self.sha256 is None else f"sha256:{self.sha256}"
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,8 @@ def _find_local(request: WeightsRequest, dirs: list[Path]) -> Path | None:
 
 def _placement_hint(request: WeightsRequest, dirs: list[Path]) -> str:
     where = " or ".join(f"{d / request.role}/" for d in dirs) or f"${WEIGHTS_DIR_ENV}/{request.role}/"
-    return f"place {request.filenames[0]} in {where} or set models.{request.role}.checkpoint"
+    origin = f" (the file published at {request.source_url})" if request.source_url else ""
+    return f"place {request.filenames[0]}{origin} in {where} or set models.{request.role}.checkpoint"
 
 
 def resolve_weights(

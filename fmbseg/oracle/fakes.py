@@ -116,7 +116,7 @@ class FakeClip:
         self.noise = float(noise)
         self.seed = seed
         self.device = torch.device(device)
-        self.provenance = WeightProvenance("clip", "oracle", "random-init")
+        self.provenance = WeightProvenance("clip", "oracle", "synthetic")
         self._image_size, self._patch_size, self._dim = image_size, patch_size, embed_dim
         classes = np.stack([self._text_vector(normalize_name(n)) for n in world.class_names])
         basis, _ = np.linalg.qr(classes.T)
@@ -213,7 +213,7 @@ class FakeSam:
         self.erode, self.dilate = erode, dilate
         self.merge_probability = merge_probability
         self.oversegment = oversegment
-        self.provenance = WeightProvenance("sam", "oracle", "random-init")
+        self.provenance = WeightProvenance("sam", "oracle", "synthetic")
         self.embed_calls = 0
         self._rng = np.random.default_rng(seed)
 
@@ -311,7 +311,7 @@ class FakeEncoder:
         self.signal = float(signal)
         self.seed = seed
         self.device = torch.device(device)
-        self.provenance = WeightProvenance("encoder", "oracle", "random-init")
+        self.provenance = WeightProvenance("encoder", "oracle", "synthetic")
         self._patch_size = patch_size
         keys = [normalize_name(n) for n in world.class_names] + ["\0unknown"]
         self.class_vectors = np.stack(

@@ -56,7 +56,7 @@ def test_fakes_satisfy_the_protocols() -> None:
         (FakeEncoder(WORLD), "encoder"),
     ):
         assert fake.provenance.role == role and fake.provenance.model == "oracle"
-        assert fake.provenance.is_random and fake.provenance.path is None
+        assert fake.provenance.tag == "synthetic" and fake.provenance.path is None
 
 
 def test_registry_builds_the_fakes_from_config() -> None:
