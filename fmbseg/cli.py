@@ -59,6 +59,20 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder for label maps")
 
 
+def _features_arguments(parser: argparse.ArgumentParser) -> None:
+    _params_arguments(parser)
+    parser.add_argument("--images", required=True, help="folder of the training images")
+    parser.add_argument("--labels", required=True, help="a finished merge folder (label maps)")
+    parser.add_argument("--out", required=True, help="output folder for feature shards")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    _params_arguments(parser)
+    parser.add_argument("--features", required=True, help="a finished feature cache")
+    parser.add_argument("--out", required=True, help="output folder (checkpoints, module)")
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("config", "print the resolved params (defaults <- file <- -S)", "fmbseg.commands:show_config"),
     Command(
@@ -72,6 +86,18 @@ COMMANDS: tuple[Command, ...] = (
         "Stage 1: subsample route 1.2, merge with 1.1 into label maps",
         "fmbseg.stages:merge",
         _merge_arguments,
+    ),
+    Command(
+        "cache-features",
+        "Stage 2: frozen-encoder patch features and patch pseudo-labels, sharded",
+        "fmbseg.stages:cache_features",
+        _features_arguments,
+    ),
+    Command(
+        "train",
+        "Stage 2: train the alignment module (resumes from the last epoch checkpoint)",
+        "fmbseg.stages:train",
+        _train_arguments,
     ),
 )
 

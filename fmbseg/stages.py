@@ -81,3 +81,20 @@ def merge(args: argparse.Namespace) -> int:
     summary.pop("class_pixels")
     _print(summary)
     return 0
+
+
+def cache_features(args: argparse.Namespace) -> int:
+    from fmbseg.align.features import run_cache_features
+
+    summary = run_cache_features(
+        params_from_args(args), args.images, args.labels, args.out, limit=args.limit
+    )
+    _print(summary)
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from fmbseg.align.train import run_train
+
+    _print(run_train(params_from_args(args), args.features, args.out))
+    return 0

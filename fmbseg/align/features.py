@@ -1,0 +1,514 @@
+"""Stage 2's feature cache: frozen-encoder patch features and patch pseudo-labels, in shards.
+
+The encoder is frozen, so its features are computed once and every training epoch (and every
+fine-tuning run) reads them back instead of re-running DINOv2.
+
+Input: a folder of images and a finished merge folder (Stage 1's output: ``run.json`` naming the
+vocabulary, ``labels/<image_id>.png`` label maps). Images without a label map are skipped and
+listed in ``index.json`` (``images_without_labels``): Stage 1 writes no label map for an image it
+could not read, so such images are expected and must not stop the stage. Images that cannot be
+read now are recorded per shard (``failed``) and skipped the same way. A label map whose size
+differs from its image, or holding a class id outside the vocabulary, belongs to other inputs and
+stops the stage with an :class:`InputError`.
+
+Each image is resized (bilinear, both sides) to a ``features.image_size`` square: the whole image
+and all its pseudo-labels are kept, at the price of a small aspect distortion. Its label map is
+resized the same way by nearest neighbour and a patch takes its majority class when that class
+covers at least ``features.min_label_fraction`` of the patch's pixels, else -1 (ignored).
+
+Output folder::
+
+    run.json                  fingerprint: params, vocabulary, label run, image list
+    shards/NNNNN.safetensors  features (n, h, w, C) float16; labels (n, h, w) int16 (int32 for
+                              vocabularies over 32767 classes), -1 = ignored
+    shards/NNNNN.json         image ids, shapes, sha256 of the .safetensors, encoder provenance,
+                              failed images; written last, so it marks the shard finished
+    index.json                every shard with its shapes and sha256, vocabulary, encoder, totals;
+                              written once all shards are finished
+
+A rerun skips finished shards. Nothing is ever unpickled: shards are safetensors, tables JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fmbseg.config import Params
+from fmbseg.errors import ConfigError, FmbsegError, InputError
+from fmbseg.io.atomic import atomic_write, sha256_file, write_text_atomic
+from fmbseg.io.images import image_id, list_images, read_rgb
+from fmbseg.masks import IGNORE_LABEL
+from fmbseg.models.base import PatchEncoder
+from fmbseg.models.vocabulary import validate_vocabulary
+from fmbseg.pseudolabel.merge import label_map_path, read_label_map
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+INDEX_FILE = "index.json"
+SHARD_DIR = "shards"
+IGNORE_PATCH = -1
+"""Patch label of a patch without a clear majority class (the loss's ``ignore_index``)."""
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.int16) if num_classes <= np.iinfo(np.int16).max else np.dtype(np.int32)
+
+
+def resize_nearest(label_map: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) -> (size, size), each output pixel taking the input pixel under its centre."""
+    height, width = label_map.shape
+    rows = ((np.arange(size) + 0.5) * height / size).astype(np.int64)
+    cols = ((np.arange(size) + 0.5) * width / size).astype(np.int64)
+    return label_map[rows[:, None], cols[None, :]]
+
+
+def patch_labels(
+    label_map: np.ndarray, patch_size: int, num_classes: int, min_fraction: float
+) -> np.ndarray:
+    """(H, W) label map at the encoder's input size -> (h, w) int32 patch labels.
+
+    A patch takes the class with most pixels when it covers at least ``min_fraction`` of all the
+    patch's pixels (unlabelled pixels count in the area but never win). A tie for the most pixels
+    is no majority, so that patch is ignored (-1), as is a patch with no labelled pixel.
+    """
+    height, width = label_map.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"label map {height}x{width} is not a multiple of patch size {patch_size}")
+    values = label_map.astype(np.int64)
+    unlabelled = values == IGNORE_LABEL
+    outside = ~unlabelled & ((values < 0) | (values >= num_classes))
+    if outside.any():
+        raise ValueError(
+            f"label {int(values[outside][0])} is outside the vocabulary of {num_classes} classes"
+        )
+    values[unlabelled] = num_classes  # a bin of its own, dropped before the vote
+    grid_h, grid_w = height // patch_size, width // patch_size
+    patch = (np.arange(height) // patch_size)[:, None] * grid_w + np.arange(width) // patch_size
+    bins = num_classes + 1
+    counts = np.bincount((patch * bins + values).ravel(), minlength=grid_h * grid_w * bins)
+    counts = counts.reshape(grid_h * grid_w, bins)[:, :num_classes]
+    best = counts.argmax(axis=1)
+    top = counts[np.arange(len(counts)), best]
+    unique = (counts == top[:, None]).sum(axis=1) == 1
+    keep = unique & (top > 0) & (top >= min_fraction * patch_size * patch_size)
+    return np.where(keep, best, IGNORE_PATCH).astype(np.int32).reshape(grid_h, grid_w)
+
+
+def read_merge_vocabulary(labels_dir: Path) -> tuple[str, ...]:
+    """The class names of a merge folder's label maps (its ``run.json``)."""
+    run_file = labels_dir / RUN_FILE
+    if not run_file.is_file():
+        raise InputError(f"{labels_dir}: not a merged pseudo-label folder ({RUN_FILE} missing)")
+    try:
+        names = json.loads(run_file.read_text(encoding="utf-8"))["pseudolabel_run"]["vocabulary"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{run_file}: no pseudolabel_run.vocabulary in it") from None
+    return validate_vocabulary(names)
+
+
+@dataclass(frozen=True)
+class _Shard:
+    index: int
+    image_ids: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:05d}"
+
+
+def _marker(out: Path, shard_name: str) -> Path:
+    return out / SHARD_DIR / f"{shard_name}.json"
+
+
+def _claim_output(out: Path, record: dict[str, Any]) -> None:
+    """Start or resume a cache; refuse to mix shards made from other inputs or params."""
+    run_file = out / RUN_FILE
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text(encoding="utf-8"))
+        if previous != record:
+            changed = sorted(key for key in record if previous.get(key) != record[key])
+            raise InputError(
+                f"{out}: holds features made with other {', '.join(changed)}; "
+                "delete the folder (or choose another) to start over"
+            )
+        return
+    write_text_atomic(run_file, json.dumps(record, indent=2, ensure_ascii=False))
+
+
+class _ShardWriter:
+    """Encodes one shard's images batch by batch into preallocated fp16 / int arrays."""
+
+    def __init__(
+        self,
+        params: Params,
+        encoder: PatchEncoder,
+        labels_root: Path,
+        paths: dict[str, Path],
+        num_classes: int,
+    ) -> None:
+        self.params = params
+        self.encoder = encoder
+        self.labels_root = labels_root
+        self.paths = paths
+        self.num_classes = num_classes
+        self.size = params.features.image_size
+        self.grid = self.size // encoder.patch_size
+
+    def _prepare(self, key: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Resized image (3, S, S) float32 in [0, 1] and its patch labels (h, w)."""
+        from PIL import Image
+
+        label_file = label_map_path(self.labels_root, key)
+        try:
+            label_map = read_label_map(label_file)
+        except OSError as exc:
+            raise InputError(f"{label_file}: cannot read label map ({exc})") from None
+        if label_map.ndim != 2:
+            raise InputError(f"{label_file}: not a single-channel label map")
+        if label_map.shape != image.shape[:2]:
+            raise InputError(
+                f"{label_file}: label map is {label_map.shape[1]}x{label_map.shape[0]} but its "
+                f"image is {image.shape[1]}x{image.shape[0]}; the labels belong to other images"
+            )
+        try:
+            labels = patch_labels(
+                resize_nearest(label_map, self.size),
+                self.encoder.patch_size,
+                self.num_classes,
+                self.params.features.min_label_fraction,
+            )
+        except ValueError as exc:
+            raise InputError(f"{label_file}: {exc}") from None
+        resized = Image.fromarray(image).resize((self.size, self.size), Image.Resampling.BILINEAR)
+        pixels = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return pixels, labels
+
+    def _encode(self, batch: list[np.ndarray], keys: list[str]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            features = self.encoder.encode(torch.from_numpy(np.stack(batch)))
+        expected = (len(batch), self.grid, self.grid)
+        if tuple(features.shape[:3]) != expected:
+            raise RuntimeError(
+                f"encoder returned features shaped {tuple(features.shape)} for {len(batch)} "
+                f"images of {self.size}x{self.size}, expected {expected} + (C,)"
+            )
+        half = features.detach().to("cpu", torch.float16).numpy()
+        if not np.isfinite(half).all():
+            raise FmbsegError(
+                f"encoder features of {', '.join(keys)} are not finite in float16 "
+                f"(encoder provenance {self.encoder.provenance.tag})"
+            )
+        return half
+
+    def write(self, out: Path, shard: _Shard, progress: Any) -> None:
+        from safetensors.numpy import save
+
+        start = time.perf_counter()
+        kept: list[str] = []
+        failed: dict[str, str] = {}
+        features: np.ndarray | None = None
+        labels = np.empty(
+            (len(shard.image_ids), self.grid, self.grid), label_dtype(self.num_classes)
+        )
+        batch: list[np.ndarray] = []
+        batch_keys: list[str] = []
+
+        def flush() -> None:
+            nonlocal features
+            encoded = self._encode(batch, batch_keys)
+            if features is None:
+                shape = (len(shard.image_ids), self.grid, self.grid, encoded.shape[-1])
+                features = np.empty(shape, np.float16)
+            features[len(kept) : len(kept) + len(batch)] = encoded
+            kept.extend(batch_keys)
+            progress.update(len(batch))
+            batch.clear()
+            batch_keys.clear()
+
+        for key in shard.image_ids:
+            try:
+                image = read_rgb(self.paths[key], self.params.pseudolabel.max_image_pixels)
+            except InputError as exc:
+                failed[key] = str(exc)
+                log.warning("skipped %s", exc)
+                progress.update(1)
+                continue
+            pixels, patch = self._prepare(key, image)
+            labels[len(kept) + len(batch)] = patch
+            batch.append(pixels)
+            batch_keys.append(key)
+            if len(batch) == self.params.models.encoder.batch_size:
+                flush()
+        if batch:
+            flush()
+
+        info: dict[str, Any] = {
+            "shard": shard.index,
+            "images": kept,
+            "failed": failed,
+            "encoder": {**asdict(self.encoder.provenance), "tag": self.encoder.provenance.tag},
+        }
+        if features is not None:
+            count = len(kept)
+            data = save({"features": features[:count], "labels": labels[:count]})
+            file = out / SHARD_DIR / f"{shard.name}.safetensors"
+            with atomic_write(file) as handle:
+                handle.write(data)
+            info |= {
+                "file": file.name,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "features_shape": list(features[:count].shape),
+                "labels_shape": list(labels[:count].shape),
+                "labels_dtype": labels.dtype.name,
+                "labelled_patches": int((labels[:count] != IGNORE_PATCH).sum()),
+            }
+        info["seconds"] = time.perf_counter() - start
+        write_text_atomic(_marker(out, shard.name), json.dumps(info, ensure_ascii=False))
+
+
+def run_cache_features(
+    params: Params,
+    images_dir: str | Path,
+    labels_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    encoder: PatchEncoder | None = None,
+    limit: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Cache features and patch labels of every labelled image; resumable per shard.
+
+    ``labels_dir`` is a merge folder (``run.json`` + ``labels/``). Returns the index's summary.
+    """
+    images_root, labels_root, out = Path(images_dir), Path(labels_dir), Path(out_dir)
+    vocabulary = read_merge_vocabulary(labels_root)
+    paths = {image_id(path, images_root): path for path in list_images(images_root)}
+    labelled = [key for key in paths if label_map_path(labels_root, key).is_file()]
+    without_labels = sorted(paths.keys() - set(labelled))
+    if without_labels:
+        log.warning(
+            "%d of %d images have no label map in %s and are skipped (e.g. %s)",
+            len(without_labels),
+            len(paths),
+            labels_root / "labels",
+            without_labels[0],
+        )
+    labelled = labelled[:limit]
+    if not labelled:
+        raise InputError(
+            f"no image below {images_root} has a label map in {labels_root / 'labels'}"
+        )
+
+    per_shard = params.features.images_per_shard
+    shards = [
+        _Shard(i // per_shard, tuple(labelled[i : i + per_shard]))
+        for i in range(0, len(labelled), per_shard)
+    ]
+    record = {
+        "features": params.features.model_dump(mode="json"),
+        "encoder": params.models.encoder.model_dump(mode="json"),
+        "vocabulary": list(vocabulary),
+        "labels_run_sha256": sha256_file(labels_root / RUN_FILE),
+        "images": len(labelled),
+        "images_sha256": hashlib.sha256("\n".join(labelled).encode()).hexdigest(),
+    }
+    _claim_output(out, record)
+    pending = [shard for shard in shards if not _marker(out, shard.name).is_file()]
+    if pending:
+        _cache_shards(
+            params, pending, labels_root, paths, out, len(vocabulary), encoder, show_progress
+        )
+    return _write_index(out, shards, vocabulary, params, without_labels)
+
+
+def _cache_shards(
+    params: Params,
+    pending: Sequence[_Shard],
+    labels_root: Path,
+    paths: dict[str, Path],
+    out: Path,
+    num_classes: int,
+    encoder: PatchEncoder | None,
+    show_progress: bool,
+) -> None:
+    from tqdm import tqdm
+
+    from fmbseg.models.registry import build_patch_encoder
+
+    if encoder is None:
+        encoder = build_patch_encoder(params.models)
+    size = params.features.image_size
+    if size % encoder.patch_size:
+        raise ConfigError(
+            f"features.image_size={size} is not a multiple of the encoder's patch size "
+            f"{encoder.patch_size}"
+        )
+    writer = _ShardWriter(params, encoder, labels_root, paths, num_classes)
+    total = sum(len(shard.image_ids) for shard in pending)
+    with tqdm(
+        total=total, unit="img", desc="cache features", disable=not show_progress
+    ) as progress:
+        for shard in pending:
+            writer.write(out, shard, progress)
+
+
+def _write_index(
+    out: Path,
+    shards: Sequence[_Shard],
+    vocabulary: tuple[str, ...],
+    params: Params,
+    without_labels: list[str],
+) -> dict[str, Any]:
+    infos = [json.loads(_marker(out, shard.name).read_text(encoding="utf-8")) for shard in shards]
+    stored = [info for info in infos if "file" in info]
+    encoders = {info["encoder"]["tag"]: info["encoder"] for info in infos}
+    if len(encoders) > 1:
+        raise InputError(
+            f"{out}: shards were made by different encoder weights ({', '.join(sorted(encoders))}); "
+            "delete the folder to start over"
+        )
+    if not stored:
+        raise InputError(f"{out}: no image could be read, so no features were cached")
+    grids = {tuple(info["features_shape"][1:]) for info in stored}
+    if len(grids) > 1:
+        raise InputError(f"{out}: shards hold different feature shapes {sorted(grids)}")
+    images = sum(len(info["images"]) for info in infos)
+    patches = sum(
+        info["labels_shape"][0] * info["labels_shape"][1] * info["labels_shape"][2]
+        for info in stored
+    )
+    failed = {key: reason for info in infos for key, reason in info["failed"].items()}
+    grid_h, grid_w, dim = grids.pop()
+    index = {
+        "vocabulary": list(vocabulary),
+        "encoder": next(iter(encoders.values())),
+        "image_size": params.features.image_size,
+        "min_label_fraction": params.features.min_label_fraction,
+        "grid": [grid_h, grid_w],
+        "dim": dim,
+        "labels_dtype": label_dtype(len(vocabulary)).name,
+        "images": images,
+        "labelled_patch_fraction": sum(info["labelled_patches"] for info in stored) / patches,
+        "failed_images": failed,
+        "images_without_labels": without_labels,
+        "seconds": sum(info["seconds"] for info in infos),
+        "shards": [
+            {
+                key: info[key]
+                for key in ("file", "sha256", "images", "features_shape", "labels_shape")
+            }
+            for info in stored
+        ],
+    }
+    write_text_atomic(out / INDEX_FILE, json.dumps(index, indent=2, ensure_ascii=False))
+    return {key: value for key, value in index.items() if key != "shards"} | {"shards": len(stored)}
+
+
+@dataclass(frozen=True)
+class FeatureShard:
+    """One verified shard: features (n, h, w, C) float16 and labels (n, h, w), -1 = ignored."""
+
+    name: str
+    image_ids: tuple[str, ...]
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+class FeatureShards:
+    """Read access to a finished feature cache; every shard is verified as it is loaded."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index_file = self.folder / INDEX_FILE
+        if not index_file.is_file():
+            raise InputError(f"{self.folder}: no finished feature cache ({INDEX_FILE} missing)")
+        try:
+            self.index: dict[str, Any] = json.loads(index_file.read_text(encoding="utf-8"))
+            self.vocabulary = validate_vocabulary(self.index["vocabulary"])
+            self.grid: tuple[int, int] = tuple(self.index["grid"])  # type: ignore[assignment]
+            self.dim = int(self.index["dim"])
+            self.encoder: dict[str, Any] = dict(self.index["encoder"])
+            self._shards: list[dict[str, Any]] = list(self.index["shards"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{index_file}: not a feature-cache index ({exc})") from None
+        identity = {
+            "vocabulary": self.index["vocabulary"],
+            "encoder": self.encoder.get("tag"),
+            "shards": [[shard["sha256"], shard["images"]] for shard in self._shards],
+        }
+        # What the cache holds, not how long it took: stable when an identical cache is rebuilt.
+        self.content_sha256 = hashlib.sha256(
+            json.dumps(identity, sort_keys=True).encode("utf-8")
+        ).hexdigest()
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(shard["images"]) for shard in self._shards)
+
+    def __len__(self) -> int:
+        return len(self._shards)
+
+    def __iter__(self) -> Iterator[FeatureShard]:
+        return (self.load(i) for i in range(len(self)))
+
+    def load(self, position: int) -> FeatureShard:
+        """Shard ``position`` of the index; :class:`InputError` naming its file if corrupt."""
+        import torch
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        entry = self._shards[position]
+        file = self.folder / SHARD_DIR / entry["file"]
+        hint = "delete it and its .json, then rerun the feature cache"
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            raise InputError(f"{file}: feature shard cannot be read ({exc.strerror})") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"]:
+            raise InputError(f"{file}: sha256 {digest[:12]}… does not match {INDEX_FILE}; {hint}")
+        try:
+            tensors = load(data)
+        except SafetensorError as exc:
+            raise InputError(f"{file}: not a safetensors file ({exc}); {hint}") from None
+        features, labels = tensors.get("features"), tensors.get("labels")
+        if features is None or labels is None:
+            raise InputError(f"{file}: features or labels tensor missing; {hint}")
+        shapes = (list(features.shape), list(labels.shape))
+        if shapes != (entry["features_shape"], entry["labels_shape"]) or shapes[0][1:] != [
+            *self.grid,
+            self.dim,
+        ]:
+            raise InputError(
+                f"{file}: shapes features {shapes[0]}, labels {shapes[1]} differ from "
+                f"{INDEX_FILE} ({entry['features_shape']}, {entry['labels_shape']}); {hint}"
+            )
+        if features.dtype != torch.float16 or labels.dtype not in (torch.int16, torch.int32):
+            raise InputError(
+                f"{file}: dtypes {features.dtype}/{labels.dtype}, expected float16/int; {hint}"
+            )
+        if not bool(torch.isfinite(features).all()):
+            raise InputError(f"{file}: features hold NaN or infinite values; {hint}")
+        if bool(((labels < IGNORE_PATCH) | (labels >= len(self.vocabulary))).any()):
+            raise InputError(
+                f"{file}: labels outside [-1, {len(self.vocabulary)}) for its vocabulary; {hint}"
+            )
+        return FeatureShard(Path(entry["file"]).stem, tuple(entry["images"]), features, labels)

@@ -1,0 +1,357 @@
+"""Stage 2 training: the alignment module on cached features, against frozen CLIP text embeddings.
+
+Output folder::
+
+    run.json                           fingerprint: train params, templates, CLIP config, feature
+                                       cache content, init_from file; a rerun with others is refused
+    text_embeddings.safetensors        (K, D) text embeddings of the training vocabulary
+    checkpoints/epoch_NNN.safetensors  module weights, SGD momentum, every step's loss so far
+    checkpoints/latest.json            epoch, step, optimiser and scheduler state, sha256 of the
+                                       tensors file; written last, so it names a whole checkpoint
+    loss.csv                           step, epoch, loss (for DVC plots)
+    metrics.json                       final loss, epochs, steps, seconds
+    module.safetensors, module.json    the trained module (see :mod:`fmbseg.align.module`)
+
+Exact resume: the only randomness is the module's initialisation (seeded once) and each epoch's
+image order, drawn from a generator seeded by ``(train.seed, epoch)``; so a checkpoint holds no
+RNG state, and continuing from it repeats the uninterrupted run bit for bit on the same machine.
+The cosine schedule spans ``train.epochs`` whole epochs, whatever epoch a run starts from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fmbseg.align.features import IGNORE_PATCH, FeatureShards
+from fmbseg.align.loss import get_loss
+from fmbseg.align.module import AlignmentModule, ModuleSpec, load_module, save_module
+from fmbseg.config import Params
+from fmbseg.errors import ConfigError, FmbsegError, InputError, WeightsError
+from fmbseg.io.atomic import atomic_write, sha256_file, write_text_atomic
+from fmbseg.models.base import VisionLanguageModel
+from fmbseg.models.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+TEXT_FILE = "text_embeddings.safetensors"
+CHECKPOINT_DIR = "checkpoints"
+LATEST_FILE = "latest.json"
+MODULE_FILE = "module.safetensors"
+LOSS_FILE = "loss.csv"
+METRICS_FILE = "metrics.json"
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """Deterministic kernels for the duration (warnings, not errors, where CUDA has none)."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def epoch_batches(
+    shards: FeatureShards, seed: int, epoch: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of (features (B, h, w, C), labels (B, h, w)) in a seeded order: shards shuffled,
+    then images within each shard, so memory holds one shard plus a partial batch."""
+    rng = np.random.default_rng([seed, epoch])
+    features: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    for position in rng.permutation(len(shards)):
+        shard = shards.load(int(position))
+        for i in rng.permutation(len(shard)):
+            features.append(shard.features[i])
+            labels.append(shard.labels[i])
+            if len(features) == batch_size:
+                yield torch.stack(features), torch.stack(labels)
+                features, labels = [], []
+    if features:
+        yield torch.stack(features), torch.stack(labels)
+
+
+def compute_text_embeddings(
+    path: Path, vocabulary: tuple[str, ...], params: Params, clip: VisionLanguageModel | None
+) -> torch.Tensor:
+    """(K, D) text embeddings of ``vocabulary``, computed once per run and stored at ``path``."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    if path.is_file():
+        with safe_open(path, "pt") as handle:
+            stored = json.loads((handle.metadata() or {}).get("vocabulary", "null"))
+            if stored == list(vocabulary):
+                return handle.get_tensor("text_embeddings")
+        raise InputError(f"{path}: text embeddings of another vocabulary; delete the file")
+    from fmbseg.models.registry import build_vision_language_model
+    from fmbseg.models.vocabulary import VocabularyEncoder
+
+    if clip is None:
+        clip = build_vision_language_model(params.models)
+    with torch.no_grad():
+        embeddings = VocabularyEncoder(clip, params.pseudolabel.templates).embed(vocabulary)
+    embeddings = embeddings.detach().to("cpu", torch.float32).contiguous()
+    metadata = {
+        "vocabulary": json.dumps(list(vocabulary), ensure_ascii=False),
+        "templates": json.dumps(list(params.pseudolabel.templates), ensure_ascii=False),
+        "clip": clip.provenance.model,
+        "clip_weights": clip.provenance.tag,
+    }
+    with atomic_write(path) as handle:
+        handle.write(save({"text_embeddings": embeddings}, metadata))
+    return embeddings
+
+
+def _claim_output(out: Path, record: dict[str, Any]) -> None:
+    run_file = out / RUN_FILE
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text(encoding="utf-8"))
+        if previous != record:
+            changed = sorted(key for key in record if previous.get(key) != record[key])
+            raise InputError(
+                f"{out}: holds a training run with other {', '.join(changed)}; "
+                "delete the folder (or choose another) to start over"
+            )
+        return
+    write_text_atomic(run_file, json.dumps(record, indent=2, ensure_ascii=False))
+
+
+def _initial_module(params: Params, spec: ModuleSpec, shards: FeatureShards) -> AlignmentModule:
+    """Seeded fresh weights, or ``train.init_from``'s (same architecture and encoder)."""
+    if params.train.init_from is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(params.train.seed)
+            return AlignmentModule.from_spec(spec)
+    module, info = load_module(params.train.init_from, expected=spec)
+    if info.encoder != shards.encoder["model"]:
+        raise WeightsError(
+            f"{params.train.init_from}: trained on features of encoder {info.encoder!r}, but "
+            f"{shards.folder} holds features of {shards.encoder['model']!r}"
+        )
+    return module
+
+
+class Checkpoints:
+    """One resumable checkpoint per epoch: tensors in safetensors, the rest in JSON."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def save(
+        self,
+        epoch: int,
+        module: AlignmentModule,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        losses: list[float],
+        seconds: float,
+    ) -> None:
+        from safetensors.torch import save
+
+        state = optimizer.state_dict()
+        tensors = {
+            f"module.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()
+        }
+        for index, entry in state["state"].items():
+            tensors[f"optimizer.{index}.momentum_buffer"] = (
+                entry["momentum_buffer"].cpu().contiguous()
+            )
+        tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
+        name = f"epoch_{epoch:03d}.safetensors"
+        with atomic_write(self.folder / name) as handle:
+            handle.write(save(tensors))
+        record = {
+            "epoch": epoch,
+            "tensors": name,
+            "sha256": sha256_file(self.folder / name),
+            "optimizer_param_groups": state["param_groups"],
+            "scheduler": scheduler.state_dict(),
+            "seconds": seconds,
+        }
+        write_text_atomic(self.folder / LATEST_FILE, json.dumps(record, indent=2))
+        for old in self.folder.glob("epoch_*.safetensors"):
+            if old.name != name:
+                old.unlink()
+
+    def restore(
+        self,
+        module: AlignmentModule,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> tuple[int, list[float], float]:
+        """Load the latest checkpoint into the objects: (epochs done, losses, seconds)."""
+        from safetensors.torch import load_file
+
+        latest = self.folder / LATEST_FILE
+        if not latest.is_file():
+            return 0, [], 0.0
+        record = json.loads(latest.read_text(encoding="utf-8"))
+        file = self.folder / record["tensors"]
+        if not file.is_file() or sha256_file(file) != record["sha256"]:
+            raise InputError(f"{file}: checkpoint missing or its sha256 differs from {latest}")
+        tensors = load_file(file)
+        module.load_state_dict(
+            {k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")}
+        )
+        momentum = {
+            int(key.split(".")[1]): {"momentum_buffer": value}
+            for key, value in tensors.items()
+            if key.startswith("optimizer.")
+        }
+        optimizer.load_state_dict(
+            {"state": momentum, "param_groups": record["optimizer_param_groups"]}
+        )
+        scheduler.load_state_dict(record["scheduler"])
+        return int(record["epoch"]), tensors["losses"].tolist(), float(record["seconds"])
+
+
+def run_train(
+    params: Params,
+    features_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    clip: VisionLanguageModel | None = None,
+    show_progress: bool = True,
+    on_epoch: EpochCallback | None = None,
+) -> dict[str, Any]:
+    """Train (or resume training) the alignment module; returns the metrics.
+
+    ``on_epoch`` is called after each epoch's checkpoint with that epoch's record (epoch, steps,
+    mean loss, learning rate), e.g. to log it to an experiment tracker.
+    """
+    out = Path(out_dir)
+    train = params.train
+    if train.epochs < 1 or train.batch_size < 1:
+        raise ConfigError(
+            f"train.epochs={train.epochs} and train.batch_size={train.batch_size} must be >= 1"
+        )
+    shards = FeatureShards(features_dir)
+    init_sha = None
+    if train.init_from is not None:
+        if not Path(train.init_from).is_file():
+            raise WeightsError(f"{train.init_from}: train.init_from module not found")
+        init_sha = sha256_file(train.init_from)
+    _claim_output(
+        out,
+        {
+            "train": train.model_dump(mode="json"),
+            "templates": list(params.pseudolabel.templates),
+            "clip": params.models.clip.model_dump(mode="json"),
+            "features_sha256": shards.content_sha256,
+            "init_from_sha256": init_sha,
+        },
+    )
+    device = Runtime.from_config(params.models).torch_device()
+    text = compute_text_embeddings(out / TEXT_FILE, shards.vocabulary, params, clip).to(device)
+    spec = ModuleSpec(shards.dim, text.shape[1], train.depth, train.heads, train.mlp_ratio)
+    with deterministic():
+        module = _initial_module(params, spec, shards).to(device)
+        metrics = _fit(params, shards, module, text, out, device, show_progress, on_epoch)
+    save_module(
+        module,
+        out / MODULE_FILE,
+        encoder=shards.encoder["model"],
+        text_embeddings=TEXT_FILE,
+        vocabulary=shards.vocabulary,
+    )
+    return metrics
+
+
+def _fit(
+    params: Params,
+    shards: FeatureShards,
+    module: AlignmentModule,
+    text: torch.Tensor,
+    out: Path,
+    device: torch.device,
+    show_progress: bool,
+    on_epoch: EpochCallback | None,
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    train = params.train
+    loss_fn = get_loss(train.loss)
+    steps_per_epoch = math.ceil(shards.num_images / train.batch_size)
+    optimizer = torch.optim.SGD(
+        module.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=train.epochs * steps_per_epoch
+    )
+    checkpoints = Checkpoints(out / CHECKPOINT_DIR)
+    start_epoch, losses, seconds = checkpoints.restore(module, optimizer, scheduler)
+    if start_epoch:
+        log.info("resuming %s after epoch %d of %d", out, start_epoch, train.epochs)
+    for epoch in range(start_epoch, train.epochs):
+        started = time.perf_counter()
+        module.train()
+        batches = epoch_batches(shards, train.seed, epoch, train.batch_size)
+        description = f"train epoch {epoch + 1}/{train.epochs}"
+        for features, labels in tqdm(
+            batches, total=steps_per_epoch, desc=description, unit="step", disable=not show_progress
+        ):
+            embeddings = module(features.to(device))
+            loss = loss_fn(
+                embeddings.reshape(-1, embeddings.shape[-1]),
+                labels.reshape(-1).to(device),
+                text,
+                train.temperature,
+                ignore_index=IGNORE_PATCH,
+            )
+            if not torch.isfinite(loss):
+                raise FmbsegError(
+                    f"training loss became {loss.item()} at epoch {epoch + 1}, step "
+                    f"{len(losses) + 1}; lower train.lr or raise train.temperature"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        seconds += time.perf_counter() - started
+        checkpoints.save(epoch + 1, module, optimizer, scheduler, losses, seconds)
+        record = {
+            "epoch": epoch + 1,
+            "steps": len(losses),
+            "loss": float(np.mean(losses[-steps_per_epoch:])),
+            "lr": scheduler.get_last_lr()[0],
+        }
+        log.info("epoch %(epoch)d: mean loss %(loss).4f", record)
+        if on_epoch is not None:
+            on_epoch(record)
+    return _write_curves(out, losses, steps_per_epoch, seconds, shards)
+
+
+def _write_curves(
+    out: Path, losses: list[float], steps_per_epoch: int, seconds: float, shards: FeatureShards
+) -> dict[str, Any]:
+    rows = ["step,epoch,loss"]
+    rows += [f"{s + 1},{s // steps_per_epoch + 1},{loss!r}" for s, loss in enumerate(losses)]
+    write_text_atomic(out / LOSS_FILE, "\n".join(rows) + "\n")
+    epochs = len(losses) // steps_per_epoch
+    metrics = {
+        "final_loss": float(np.mean(losses[-steps_per_epoch:])),
+        "first_epoch_loss": float(np.mean(losses[:steps_per_epoch])),
+        "epochs": epochs,
+        "steps": len(losses),
+        "images": shards.num_images,
+        "seconds": seconds,
+    }
+    write_text_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,62 @@
+"""The stage entry points chained through the ``fmbseg`` command, with oracle backends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmbseg.errors import InputError
+from fmbseg.oracle.scenes import OracleWorld, write_scene_folder
+from fmbseg.stages import parse_worker, read_class_names
+
+ORACLE = [
+    "-S", "models.clip.backend=oracle", "-S", "models.sam.backend=oracle",
+    "-S", "models.encoder.backend=oracle", "-S", "pseudolabel.short_side=256",
+    "-S", "pseudolabel.crop_stride=32", "-S", "features.image_size=64",
+    "-S", "train.epochs=2", "-S", "train.heads=2",
+]
+
+
+def fmbseg(*args: str, cwd: Path) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "fmbseg.cli", "-q", *args], capture_output=True, text=True, cwd=cwd
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_stage_1_and_2_chain_end_to_end(tmp_path: Path) -> None:
+    world = OracleWorld()
+    write_scene_folder(world, 6, tmp_path / "scenes", seed=2, sizes=((80, 96),))
+    (tmp_path / "classes.txt").write_text("\n".join(world.class_names), encoding="utf-8")
+    labelled = fmbseg("pseudolabel", *ORACLE, "--images", "scenes/images", "--vocabulary", "classes.txt", "--out", "pl", cwd=tmp_path)
+    merged = fmbseg("merge", *ORACLE, "--pseudolabels", "pl", "--out", "merged", cwd=tmp_path)
+    cached = fmbseg("cache-features", *ORACLE, "--images", "scenes/images", "--labels", "merged", "--out", "features", cwd=tmp_path)
+    trained = fmbseg("train", *ORACLE, "--features", "features", "--out", "model", cwd=tmp_path)
+    assert labelled["images"] == merged["images"] == 6
+    assert cached["images"] == 6
+    assert trained["epochs"] == 2
+    assert (tmp_path / "model" / "module.safetensors").is_file()
+
+
+def test_class_name_file_rules(tmp_path: Path) -> None:
+    path = tmp_path / "classes.txt"
+    path.write_text("cat\n\n  traffic light \ncrème brûlée\n", encoding="utf-8")
+    assert read_class_names(path) == ("cat", "traffic light", "crème brûlée")
+    path.write_text("cat\nCat\n", encoding="utf-8")
+    with pytest.raises(InputError, match="classes.txt: .*duplicate class name 'Cat'"):
+        read_class_names(path)
+    path.write_bytes(b"\xff\xfe cat")
+    with pytest.raises(InputError, match="not UTF-8"):
+        read_class_names(path)
+
+
+@pytest.mark.parametrize("text", ["1", "2/2", "a/3", "-1/2"])
+def test_worker_must_be_index_of_count(text: str) -> None:
+    with pytest.raises(InputError, match="expected I/N"):
+        parse_worker(text)
+    assert parse_worker("1/3") == (1, 3)
