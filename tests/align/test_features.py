@@ -197,7 +197,7 @@ def test_cache_stores_fp16_encoder_grids_and_patch_labels_of_resized_images(
 def test_index_lists_shards_with_shapes_hashes_vocabulary_and_encoder(cache: Path) -> None:
     index = json.loads((cache / "index.json").read_text(encoding="utf-8"))
     assert index["vocabulary"] == list(WORLD.class_names)
-    assert index["encoder"]["tag"] == "random-init" and index["encoder"]["model"] == "oracle"
+    assert index["encoder"]["tag"] == "synthetic" and index["encoder"]["model"] == "oracle"
     assert [len(s["images"]) for s in index["shards"]] == [4, 4, 2]
     for entry in index["shards"]:
         assert entry["sha256"] == sha256_file(cache / "shards" / entry["file"])
