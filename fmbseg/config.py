@@ -138,6 +138,21 @@ class TrainConfig(FrozenConfig):
     init_from: str | None = None
 
 
+class InferenceConfig(FrozenConfig):
+    """Open-vocabulary segmentation of one image; defaults follow TCL's protocol."""
+
+    mode: Literal["sliding", "whole"] = "sliding"
+    # The image is resized so its short side is this long, then scored in windows.
+    short_side: int = 448
+    window: int = 448
+    stride: int = 224
+    templates: tuple[str, ...] = ("a photo of a {}.",)
+    # How a dataset's background class is predicted: the paper's PV-21 rule (COCO-Stuff's
+    # stuff names join the vocabulary and count as background) or a score threshold.
+    background: Literal["stuff", "threshold"] = "stuff"
+    background_threshold: float = 0.2
+
+
 class Params(FrozenConfig):
     """Everything ``params.yaml`` may hold; each stage reads its own sections."""
 
@@ -146,6 +161,7 @@ class Params(FrozenConfig):
     merge: MergeConfig = MergeConfig()
     features: FeaturesConfig = FeaturesConfig()
     train: TrainConfig = TrainConfig()
+    inference: InferenceConfig = InferenceConfig()
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -49,11 +49,21 @@ def _axis_offsets(length: int, crop: int, stride: int) -> list[int]:
 
 
 def plan_windows(
-    height: int, width: int, *, short_side: int, crop: int, stride: int, patch: int
+    height: int,
+    width: int,
+    *,
+    short_side: int,
+    crop: int,
+    stride: int,
+    patch: int,
+    stride_key: str = "pseudolabel.crop_stride",
 ) -> WindowGrid:
+    """Resize so the short side is ``short_side`` (each side rounded to whole patches, and at
+    least one crop), then place crops every ``stride`` pixels, the last flush with the edge."""
     if crop % patch or stride % patch or stride <= 0:
         raise ConfigError(
-            f"pseudolabel.crop_stride: {stride} must be a positive multiple of the patch size {patch}"
+            f"{stride_key}: {stride} (and the crop {crop}) must be positive multiples of the "
+            f"patch size {patch}"
         )
     scale = short_side / min(height, width)
     resized = tuple(max(crop, round(side * scale / patch) * patch) for side in (height, width))

@@ -42,7 +42,7 @@ def test_short_side_sets_the_scale_and_aspect_is_kept() -> None:
 
 
 def test_stride_off_the_patch_grid_is_refused() -> None:
-    with pytest.raises(ConfigError, match="crop_stride: 100 must be a positive multiple"):
+    with pytest.raises(ConfigError, match=r"crop_stride: 100 \(and the crop 224\) must be positive multiples"):
         plan_windows(100, 100, short_side=224, crop=224, stride=100, patch=16)
 
 

@@ -1,0 +1,99 @@
+"""The open-vocabulary segmenter on a module trained in the oracle world."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fmbseg.align.features import run_cache_features
+from fmbseg.align.module import load_module
+from fmbseg.align.train import run_train
+from fmbseg.config import AutoMaskConfig, FeaturesConfig, InferenceConfig, Params, PseudoLabelConfig, TrainConfig
+from fmbseg.errors import WeightsError
+from fmbseg.models.vocabulary import VocabularyEncoder
+from fmbseg.oracle.fakes import FakeClip, FakeEncoder, FakeSam
+from fmbseg.oracle.scenes import OracleWorld, make_scene, write_scene_folder
+from fmbseg.pseudolabel.merge import run_merge
+from fmbseg.pseudolabel.stage import Backends, run_pseudolabel
+from fmbseg.segmenter import Background, OpenVocabularySegmenter
+
+WORLD = OracleWorld()
+PARAMS = Params(
+    pseudolabel=PseudoLabelConfig(short_side=256, crop_stride=32, automask=AutoMaskConfig(points_per_side=16)),
+    features=FeaturesConfig(image_size=96),
+    train=TrainConfig(epochs=6, heads=2, lr=0.05),
+)
+SLIDING = InferenceConfig(short_side=96, window=48, stride=24)
+
+
+@pytest.fixture(scope="module")
+def module_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stage 1 and Stage 2 on 16 oracle scenes: no true label is ever used for training."""
+    root = tmp_path_factory.mktemp("oracle")
+    write_scene_folder(WORLD, 16, root / "scenes", seed=5, sizes=((96, 96), (80, 112)))
+    names = list(WORLD.class_names)
+    run_pseudolabel(PARAMS, root / "scenes" / "images", names, root / "pl", backends=Backends(FakeClip(WORLD), FakeSam(WORLD)), show_progress=False)
+    run_merge(PARAMS.merge, root / "pl", root / "merged")
+    run_cache_features(PARAMS, root / "scenes" / "images", root / "merged", root / "features", encoder=FakeEncoder(WORLD), show_progress=False)
+    with torch.random.fork_rng():
+        torch.set_num_threads(1)
+        run_train(PARAMS, root / "features", root / "model", clip=FakeClip(WORLD), show_progress=False)
+    return root / "model" / "module.safetensors"
+
+
+def segmenter(module_path: Path, config: InferenceConfig = SLIDING) -> OpenVocabularySegmenter:
+    module, _ = load_module(module_path)
+    return OpenVocabularySegmenter(FakeEncoder(WORLD), module, VocabularyEncoder(FakeClip(WORLD)), config, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("config", [SLIDING, InferenceConfig(mode="whole", short_side=96)], ids=["sliding", "whole"])
+def test_held_out_scenes_are_segmented_at_their_own_size(module_path: Path, config: InferenceConfig) -> None:
+    model = segmenter(module_path, config)
+    accuracies = []
+    for seed in range(100, 104):
+        scene = make_scene(WORLD, 90, 130, seed=seed)
+        result = model.segment(scene.image, WORLD.class_names)
+        assert result.labels.shape == scene.labels.shape
+        assert result.scores.shape == (WORLD.num_classes, 90, 130)
+        accuracies.append((result.labels == scene.labels).mean())
+    assert np.mean(accuracies) >= 0.85
+
+
+def test_any_vocabulary_order_and_subset(module_path: Path) -> None:
+    model = segmenter(module_path)
+    scene = make_scene(WORLD, 96, 96, seed=7)
+    reordered = list(reversed(WORLD.class_names))
+    labels = model.segment(scene.image, reordered).labels
+    as_world = np.array([WORLD.class_names.index(n) for n in reordered])[labels]
+    assert (as_world == scene.labels).mean() >= 0.85
+
+
+def test_stuff_names_count_as_background(module_path: Path) -> None:
+    model = segmenter(module_path)
+    scene = make_scene(WORLD, 96, 96, seed=8)
+    things = ["background", "cat", "dog", "person", "traffic light", "crème brûlée"]
+    stuff = ("grass", "sky", "road")
+    labels = model.segment(scene.image, things, Background(0, stuff_names=stuff)).labels
+    truth = np.array([things.index(n) if n in things else 0 for n in WORLD.class_names])[scene.labels]
+    assert (labels == truth).mean() >= 0.85
+    assert set(np.unique(labels)) <= set(range(len(things)))
+
+
+def test_threshold_background_takes_low_scores(module_path: Path) -> None:
+    model = segmenter(module_path)
+    scene = make_scene(WORLD, 64, 64, seed=9)
+    names = ["background", *WORLD.class_names]
+    everything = model.segment(scene.image, names, Background(0, threshold=1.01)).labels
+    assert (everything == 0).all()
+    nothing = model.segment(scene.image, names, Background(0, threshold=-1.01)).labels
+    assert (nothing != 0).all()
+
+
+def test_module_and_encoder_must_agree(module_path: Path) -> None:
+    module, _ = load_module(module_path)
+    wrong_encoder = FakeEncoder(WORLD, class_dim=8, nuisance_dim=8)
+    with pytest.raises(WeightsError, match="takes 32-d features, the encoder gives 16-d"):
+        OpenVocabularySegmenter(wrong_encoder, module, VocabularyEncoder(FakeClip(WORLD)), SLIDING, torch.device("cpu"))
