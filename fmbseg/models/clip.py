@@ -42,10 +42,15 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 
 from fmbseg.config import ClipConfig, ModelsConfig
-from fmbseg.errors import ConfigError, WeightsError
+from fmbseg.errors import ConfigError
 from fmbseg.models.base import DenseEmbeddings, WeightProvenance
 from fmbseg.models.runtime import Runtime
-from fmbseg.models.weights import WeightsRequest, resolve_weights
+from fmbseg.models.weights import (
+    WeightsRequest,
+    load_state_dict_strictly,
+    read_state_dict,
+    resolve_weights,
+)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 HF_HUB_URL = "https://huggingface.co"
@@ -321,48 +326,5 @@ def _create_network(name: str, pretrained_cfg: dict[str, Any]) -> torch.nn.Modul
         )
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors only: safetensors, or ``torch.load`` with ``weights_only`` (no arbitrary pickles)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch and safetensors raise many kinds
-        reason = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
-        raise WeightsError(
-            f"{path}: not readable as a weights-only checkpoint ({reason})"
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path}: expected a state dict of tensors")
-    return {key.removeprefix("module."): value for key, value in state.items()}
-
-
-def _state_mismatch(
-    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]
-) -> str | None:
-    """The first few differences between two state dicts, in one line, or None."""
-    problems = []
-    if missing := sorted(expected.keys() - found.keys()):
-        problems.append(f"{len(missing)} missing tensors, e.g. {missing[0]}")
-    if unexpected := sorted(found.keys() - expected.keys()):
-        problems.append(f"{len(unexpected)} unexpected tensors, e.g. {unexpected[0]}")
-    for key in sorted(expected.keys() & found.keys()):
-        if expected[key].shape != found[key].shape:
-            problems.append(
-                f"{key} is {tuple(found[key].shape)}, expected {tuple(expected[key].shape)}"
-            )
-            break
-    return "; ".join(problems) or None
-
-
 def _load_weights(network: torch.nn.Module, path: Path, name: str) -> None:
-    state = _read_state_dict(path)
-    mismatch = _state_mismatch(network.state_dict(), state)
-    if mismatch is not None:
-        raise WeightsError(f"{path}: not an open_clip {name} checkpoint ({mismatch})")
-    network.load_state_dict(state, strict=True)
+    load_state_dict_strictly(network, read_state_dict(path), path, f"open_clip {name}")

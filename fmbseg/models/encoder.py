@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from fmbseg.errors import ConfigError, WeightsError
+from fmbseg.errors import ConfigError
 from fmbseg.models.base import WeightProvenance
 from fmbseg.models.runtime import Runtime
-from fmbseg.models.sam import load_state_dict_strictly
-from fmbseg.models.weights import WeightsRequest, resolve_weights
+from fmbseg.models.weights import (
+    WeightsRequest,
+    load_state_dict_strictly,
+    read_state_dict,
+    resolve_weights,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -103,21 +107,6 @@ def _download_from_hub(repo: str, filename: str) -> Path:
 
     repo_id, _, revision = repo.partition("@")
     return Path(hf_hub_download(repo_id, filename, revision=revision or None))
-
-
-def read_state_dict(path: Path) -> Any:
-    """A state dict from ``.safetensors`` or a torch file (tensors only, no pickled code)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path, device="cpu")
-        import torch
-
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # safetensors and torch raise many kinds
-        summary = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
-        raise WeightsError(f"{path}: cannot be read as a checkpoint ({summary})") from None
 
 
 def weights_request(config: EncoderConfig) -> WeightsRequest:

@@ -15,10 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fmbseg.errors import ConfigError, WeightsError
+from fmbseg.errors import ConfigError
 from fmbseg.models.base import PointMask, ProposedMask, WeightProvenance
 from fmbseg.models.runtime import Runtime
-from fmbseg.models.weights import WeightsRequest, resolve_weights, weights_dirs
+from fmbseg.models.weights import (
+    WeightsRequest,
+    load_state_dict_strictly,
+    read_state_dict,
+    resolve_weights,
+    weights_dirs,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -153,43 +159,6 @@ def build_sam_module(variant: SamVariant) -> Sam:
         pixel_std=[58.395, 57.12, 57.375],
     )
     return sam.eval()
-
-
-def load_state_dict_strictly(
-    module: torch.nn.Module, state: Any, path: Path, expected: str
-) -> None:
-    """Load ``state`` into ``module`` or raise a one-line :class:`WeightsError` saying why not.
-
-    torch's own strict-load error lists every key over many lines; this names the file, the
-    architecture it was expected to hold, and counts what did not fit.
-    """
-    if not isinstance(state, dict):
-        raise WeightsError(
-            f"{path}: holds a {type(state).__name__}, not a state dict of {expected}"
-        )
-    own = module.state_dict()
-    missing = [key for key in own if key not in state]
-    unexpected = [key for key in state if key not in own]
-    wrong_shape = [
-        key for key in own if key in state and getattr(state[key], "shape", None) != own[key].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        first = (wrong_shape + missing + unexpected)[0]
-        raise WeightsError(
-            f"{path}: not a checkpoint of {expected} ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(wrong_shape)} wrong-shape keys; first: {first})"
-        )
-    module.load_state_dict(state, strict=True)
-
-
-def _read_checkpoint(path: Path) -> Any:
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises pickle, zip and runtime errors alike
-        summary = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
-        raise WeightsError(f"{path}: cannot be read as a torch checkpoint ({summary})") from None
 
 
 @dataclass(frozen=True)
@@ -394,7 +363,7 @@ def build(models: ModelsConfig) -> SegmentAnythingModel:
     sam = build_sam_module(variant)
     if resolved.path is not None:
         load_state_dict_strictly(
-            sam, _read_checkpoint(resolved.path), resolved.path, f"SAM {variant.name}"
+            sam, read_state_dict(resolved.path), resolved.path, f"SAM {variant.name}"
         )
     return SegmentAnythingModel(
         sam, variant, resolved.provenance, Runtime.from_config(models), config.points_per_batch

@@ -14,11 +14,15 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fmbseg.errors import FmbsegError, WeightsError
 from fmbseg.io.atomic import sha256_file
 from fmbseg.io.download import unreachable_reason
 from fmbseg.models.base import WeightProvenance
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +125,50 @@ def resolve_weights(
         f"no weights for {request.role} {request.model}: {_placement_hint(request, dirs)} "
         f"({failure}; models.{request.role}.allow_random_init=true runs with random weights)"
     )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors only: safetensors, or ``torch.load(weights_only=True)`` (no pickled code).
+
+    A ``{"state_dict": ...}`` wrapper and DataParallel's ``module.`` prefixes are unwrapped.
+    """
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch and safetensors raise many kinds
+        reason = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+        raise WeightsError(f"{path}: not readable as a weights-only checkpoint ({reason})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def load_state_dict_strictly(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, expected: str
+) -> None:
+    """Load ``state`` or raise a one-line :class:`WeightsError` naming the file, the
+    architecture it should hold, and what did not fit (torch's own error spans many lines)."""
+    own = module.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    wrong_shape = [key for key in own if key in state and state[key].shape != own[key].shape]
+    if missing or unexpected or wrong_shape:
+        first = (wrong_shape + missing + unexpected)[0]
+        detail = (
+            f"{first} is {tuple(state[first].shape)}, expected {tuple(own[first].shape)}"
+            if first in wrong_shape
+            else first
+        )
+        raise WeightsError(
+            f"{path}: not a checkpoint of {expected} ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(wrong_shape)} wrong-shape keys; first: {detail})"
+        )
+    module.load_state_dict(state, strict=True)
