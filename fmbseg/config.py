@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fmbseg.errors import ConfigError
 from fmbseg.io.atomic import write_text_atomic
@@ -153,15 +153,70 @@ class InferenceConfig(FrozenConfig):
     background_threshold: float = 0.2
 
 
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+class ManifestGateConfig(FrozenConfig):
+    """Bounds on the image table a dataset split is pseudo-labelled from."""
+
+    splits: tuple[str, ...] = ("train", "val", "test")
+    # Smaller images are thumbnails or broken files rather than scenes to segment.
+    min_width: int = 32
+    min_height: int = 32
+    max_pixels: int = 50_000_000
+    # Undecodable files are skipped by the stages; more than this share means a broken copy.
+    max_undecodable_fraction: Fraction = 0.01
+
+
+class PseudoLabelGateConfig(FrozenConfig):
+    """Bounds on Stage 1's pseudo-label run and its merged label maps."""
+
+    max_failed_fraction: Fraction = 0.05
+    # A mask must cover more than the minimum and at most the maximum share of its image.
+    min_mask_area_fraction: Fraction = 0.0
+    max_mask_area_fraction: Fraction = 1.0
+    # SAM's predicted IoU is an unclamped regression: good masks may score slightly above 1.
+    min_score: float = 0.0
+    max_score: float = 1.1
+    # Merged maps labelling less than this on average give Stage 2 too little to learn from.
+    min_mean_labelled_fraction: Fraction = 0.1
+
+
+class FeatureGateConfig(FrozenConfig):
+    """Bounds on Stage 2's feature cache (its grid and dimension are checked against index.json)."""
+
+    min_labelled_patch_fraction: Fraction = 0.05
+
+
+class GatesConfig(FrozenConfig):
+    manifest: ManifestGateConfig = ManifestGateConfig()
+    pseudolabels: PseudoLabelGateConfig = PseudoLabelGateConfig()
+    features: FeatureGateConfig = FeatureGateConfig()
+    # Offending rows (and values) listed per expectation in a report.
+    max_listed: int = Field(default=20, ge=1)
+
+
+class DataConfig(FrozenConfig):
+    """Which datasets the pipeline downloads, trains on and evaluates on (``dvc.yaml`` reads
+    these names to build its paths: ``<root>/<name>/images/<split>``)."""
+
+    root: str = "data"
+    train: str = "demo_train"
+    train_split: str = "train"
+    evaluate: tuple[str, ...] = ("demo_voc",)
+    evaluate_split: str = "val"
+
+
 class Params(FrozenConfig):
     """Everything ``params.yaml`` may hold; each stage reads its own sections."""
 
+    data: DataConfig = DataConfig()
     models: ModelsConfig = ModelsConfig()
     pseudolabel: PseudoLabelConfig = PseudoLabelConfig()
     merge: MergeConfig = MergeConfig()
     features: FeaturesConfig = FeaturesConfig()
     train: TrainConfig = TrainConfig()
     inference: InferenceConfig = InferenceConfig()
+    gates: GatesConfig = GatesConfig()
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -9,3 +9,59 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import fmbseg  # noqa: E402,F401  (installs the torchvision repair before any test imports it)
+
+
+import dataclasses  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class OracleRun:
+    """Stage 1 and Stage 2 run on oracle scenes; no true label was used to train ``module``."""
+
+    params: object  # fmbseg.config.Params with oracle backends
+    scenes: Path  # images/, labels/ (true labels), classes.json
+    merged: Path  # Stage 1 label maps
+    module: Path  # the trained module.safetensors
+
+
+@pytest.fixture(scope="session")
+def oracle_run(tmp_path_factory: pytest.TempPathFactory) -> OracleRun:
+    import torch
+
+    from fmbseg.align.features import run_cache_features
+    from fmbseg.align.train import run_train
+    from fmbseg.config import load_params
+    from fmbseg.oracle.fakes import FakeClip, FakeEncoder, FakeSam
+    from fmbseg.oracle.scenes import OracleWorld, write_scene_folder
+    from fmbseg.pseudolabel.merge import run_merge
+    from fmbseg.pseudolabel.stage import Backends, run_pseudolabel
+
+    params = load_params(
+        None,
+        [
+            "models.clip.backend=oracle", "models.sam.backend=oracle", "models.encoder.backend=oracle",
+            "pseudolabel.short_side=256", "pseudolabel.crop_stride=32",
+            "pseudolabel.automask.points_per_side=16", "features.image_size=96",
+            "train.epochs=6", "train.heads=2", "train.lr=0.05",
+            "inference.short_side=96", "inference.window=48", "inference.stride=24",
+        ],
+    )  # fmt: skip
+    world = OracleWorld()
+    root = tmp_path_factory.mktemp("oracle-run")
+    write_scene_folder(world, 16, root / "scenes", seed=5, sizes=((96, 96), (80, 112)))
+    images = root / "scenes" / "images"
+    backends = Backends(FakeClip(world), FakeSam(world))
+    run_pseudolabel(params, images, list(world.class_names), root / "pl", backends=backends, show_progress=False)
+    run_merge(params.merge, root / "pl", root / "merged")
+    encoder = FakeEncoder(world)
+    run_cache_features(params, images, root / "merged", root / "features", encoder=encoder, show_progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster and bit-reproducible
+    try:
+        run_train(params, root / "features", root / "model", clip=FakeClip(world), show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return OracleRun(params, root / "scenes", root / "merged", root / "model" / "module.safetensors")

@@ -8,45 +8,26 @@ import numpy as np
 import pytest
 import torch
 
-from fmbseg.align.features import run_cache_features
 from fmbseg.align.module import load_module
-from fmbseg.align.train import run_train
-from fmbseg.config import AutoMaskConfig, FeaturesConfig, InferenceConfig, Params, PseudoLabelConfig, TrainConfig
+from fmbseg.config import InferenceConfig
 from fmbseg.errors import WeightsError
 from fmbseg.models.vocabulary import VocabularyEncoder
-from fmbseg.oracle.fakes import FakeClip, FakeEncoder, FakeSam
-from fmbseg.oracle.scenes import OracleWorld, make_scene, write_scene_folder
-from fmbseg.pseudolabel.merge import run_merge
-from fmbseg.pseudolabel.stage import Backends, run_pseudolabel
+from fmbseg.oracle.fakes import FakeClip, FakeEncoder
+from fmbseg.oracle.scenes import OracleWorld, make_scene
 from fmbseg.segmenter import Background, OpenVocabularySegmenter
 
 WORLD = OracleWorld()
-PARAMS = Params(
-    pseudolabel=PseudoLabelConfig(short_side=256, crop_stride=32, automask=AutoMaskConfig(points_per_side=16)),
-    features=FeaturesConfig(image_size=96),
-    train=TrainConfig(epochs=6, heads=2, lr=0.05),
-)
 SLIDING = InferenceConfig(short_side=96, window=48, stride=24)
-
-
-@pytest.fixture(scope="module")
-def module_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Stage 1 and Stage 2 on 16 oracle scenes: no true label is ever used for training."""
-    root = tmp_path_factory.mktemp("oracle")
-    write_scene_folder(WORLD, 16, root / "scenes", seed=5, sizes=((96, 96), (80, 112)))
-    names = list(WORLD.class_names)
-    run_pseudolabel(PARAMS, root / "scenes" / "images", names, root / "pl", backends=Backends(FakeClip(WORLD), FakeSam(WORLD)), show_progress=False)
-    run_merge(PARAMS.merge, root / "pl", root / "merged")
-    run_cache_features(PARAMS, root / "scenes" / "images", root / "merged", root / "features", encoder=FakeEncoder(WORLD), show_progress=False)
-    with torch.random.fork_rng():
-        torch.set_num_threads(1)
-        run_train(PARAMS, root / "features", root / "model", clip=FakeClip(WORLD), show_progress=False)
-    return root / "model" / "module.safetensors"
 
 
 def segmenter(module_path: Path, config: InferenceConfig = SLIDING) -> OpenVocabularySegmenter:
     module, _ = load_module(module_path)
     return OpenVocabularySegmenter(FakeEncoder(WORLD), module, VocabularyEncoder(FakeClip(WORLD)), config, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def module_path(oracle_run) -> Path:
+    return oracle_run.module
 
 
 @pytest.mark.parametrize("config", [SLIDING, InferenceConfig(mode="whole", short_side=96)], ids=["sliding", "whole"])

@@ -45,8 +45,13 @@ def _to_rgb_array(image) -> np.ndarray:  # noqa: ANN001 (PIL.Image.Image, import
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, upright per EXIF; refuses images above ``max_pixels`` unread."""
+def read_rgb(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, exif_transpose: bool = True
+) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, upright per EXIF; refuses images above ``max_pixels`` unread.
+
+    ``exif_transpose=False`` keeps the stored pixel order, which benchmark masks are drawn on.
+    """
     from PIL import Image, ImageOps
 
     file = Path(path)
@@ -60,8 +65,7 @@ def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
                         f"{file}: {width}x{height} pixels exceeds the limit of {max_pixels}"
                     )
                 image.load()
-                upright = ImageOps.exif_transpose(image)
-                array = _to_rgb_array(upright)
+                array = _to_rgb_array(ImageOps.exif_transpose(image) if exif_transpose else image)
     except InputError:
         raise
     except FileNotFoundError:

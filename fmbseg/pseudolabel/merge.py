@@ -90,6 +90,7 @@ def read_label_map(path: Path) -> np.ndarray:
 
 
 def _merge_shard(pseudo_dir: Path, out_dir: Path, info: dict[str, Any], config: MergeConfig, classes: int) -> None:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     name = f"{info['shard']:05d}"
@@ -127,7 +128,7 @@ def _merge_shard(pseudo_dir: Path, out_dir: Path, info: dict[str, Any], config: 
             }
         )
     with atomic_write(out_dir / SHARD_DIR / f"{name}.parquet") as handle:
-        pq.write_table(table.take(sorted(kept_rows)), handle)
+        pq.write_table(table.take(pa.array(sorted(kept_rows), type=pa.int64())), handle)
     write_text_atomic(out_dir / SHARD_DIR / f"{name}.json", json.dumps({"shard": info["shard"], "images": stats}))
 
 

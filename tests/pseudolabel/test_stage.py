@@ -131,6 +131,13 @@ def test_merge_keeps_all_of_11_and_a_seeded_share_of_12(scenes: Path, tmp_path: 
     assert counts[0.0] == 0 and counts[1.0] == source["route"].count("1.2")
 
 
+def test_a_shard_without_masks_merges_to_ignore_maps(scenes: Path, tmp_path: Path) -> None:
+    run(scenes, tmp_path / "pl", image_labels={}, limit=3)  # no class given: no masks at all
+    summary = run_merge(MergeConfig(), tmp_path / "pl", tmp_path / "merged")
+    assert summary["images"] == 3 and summary["mean_labelled_fraction"] == 0.0
+    assert (read_label_map(tmp_path / "merged" / "labels" / "0000.png") == IGNORE_LABEL).all()
+
+
 def test_merged_label_maps_match_the_truth(scenes: Path, tmp_path: Path) -> None:
     run(scenes, tmp_path / "pl")
     run_merge(MergeConfig(route_12_fraction=1.0), tmp_path / "pl", tmp_path / "merged")

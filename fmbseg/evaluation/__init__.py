@@ -1,0 +1,5 @@
+"""Evaluation: segmentation metrics over the benchmarks' folder datasets."""
+
+from fmbseg.evaluation.metrics import ConfusionMatrix
+
+__all__ = ["ConfusionMatrix"]
