@@ -73,6 +73,63 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (checkpoints, module)")
 
 
+def _download_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="a benchmark (voc21, ade20k, ...) or demo set (demo_train, demo_voc)")
+    parser.add_argument("--root", default="data", help="datasets folder (default: %(default)s)")
+    parser.add_argument("--base-url", default=None, help="a mirror serving the archives")
+
+
+def _manifest_arguments(parser: argparse.ArgumentParser) -> None:
+    _params_arguments(parser)
+    parser.add_argument("--dataset", required=True, help="a dataset folder (images/<split>/...)")
+    parser.add_argument("--split", action="append", required=True, help="split(s) to list")
+    parser.add_argument("--out", required=True, help="output folder")
+
+
+DEFAULT_MODEL = "outputs/model/module.safetensors"
+
+
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    _params_arguments(parser)
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    parser.add_argument("--classes", required=True, help='"cat,dog,grass" or a file, one per line')
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="module file or MLflow URI (models:/fmbseg@champion)"
+    )
+    parser.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    _params_arguments(parser)
+    parser.add_argument("--dataset", required=True, help="a benchmark name or a dataset folder")
+    parser.add_argument("--split", default="val", help="split (default: %(default)s)")
+    parser.add_argument("--root", default=None, help="datasets folder (default: data.root)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="module file or MLflow URI")
+    parser.add_argument(
+        "--pseudolabels", default=None, help="score a merge folder instead (Stage 1 alone)"
+    )
+    parser.add_argument("--out", required=True, help="output folder for metrics and plots")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+
+
+def _register_arguments(parser: argparse.ArgumentParser) -> None:
+    _params_arguments(parser)
+    parser.add_argument("--model", required=True, help="a training output folder")
+    parser.add_argument("--evaluations", required=True, help="folder of <dataset>/metrics.json")
+    parser.add_argument("--name", default="fmbseg", help="registered model name (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="JSON record of the new version")
+
+
+def _promote_arguments(parser: argparse.ArgumentParser) -> None:
+    _params_arguments(parser)
+    parser.add_argument("--name", default="fmbseg", help="registered model name (default: %(default)s)")
+    parser.add_argument("--datasets", default=None, help="comma-separated (default: data.evaluate)")
+
+
+def _lineage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="models:/fmbseg@champion, models:/fmbseg/3, ...")
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("config", "print the resolved params (defaults <- file <- -S)", "fmbseg.commands:show_config"),
     Command(
@@ -98,6 +155,32 @@ COMMANDS: tuple[Command, ...] = (
         "Stage 2: train the alignment module (resumes from the last epoch checkpoint)",
         "fmbseg.stages:train",
         _train_arguments,
+    ),
+    Command("download", "get a dataset into the folder layout", "fmbseg.stages:download", _download_arguments),
+    Command(
+        "manifest", "list a dataset split's images (decoded once)", "fmbseg.stages:manifest", _manifest_arguments
+    ),
+    Command(
+        "predict",
+        "segment images with any class names (label and overlay PNGs)",
+        "fmbseg.stages:predict",
+        _predict_arguments,
+    ),
+    Command("evaluate", "mIoU on a labelled dataset", "fmbseg.stages:evaluate", _evaluate_arguments),
+    Command(
+        "register",
+        "register the trained module in MLflow (alias: candidate)",
+        "fmbseg.stages:register",
+        _register_arguments,
+    ),
+    Command(
+        "promote",
+        "move the champion alias to the candidate if its mIoU is better",
+        "fmbseg.commands:promote",
+        _promote_arguments,
+    ),
+    Command(
+        "lineage", "what produced a registered model", "fmbseg.commands:lineage", _lineage_arguments
     ),
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from fmbseg.config import Params, load_params, to_yaml
@@ -18,4 +19,23 @@ def params_from_args(args: argparse.Namespace) -> Params:
 
 def show_config(args: argparse.Namespace) -> int:
     print(to_yaml(params_from_args(args)), end="")
+    return 0
+
+
+def promote(args: argparse.Namespace) -> int:
+    """Move `champion` to `candidate` only when the candidate's mean mIoU is strictly better."""
+    import json
+
+    from fmbseg.registry import promote as promote_version
+
+    datasets = args.datasets.split(",") if args.datasets else list(params_from_args(args).data.evaluate)
+    result = promote_version(args.name, datasets)
+    print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+    return 0
+
+
+def lineage(args: argparse.Namespace) -> int:
+    from fmbseg.lineage import format_lineage, lineage as model_lineage
+
+    print(format_lineage(model_lineage(args.model)))
     return 0

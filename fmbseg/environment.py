@@ -32,6 +32,7 @@ def quiet_defaults(root: Path) -> dict[str, str]:
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
 
 

@@ -1,33 +1,24 @@
 """One entry point per pipeline stage: arguments -> typed params -> library call -> summary.
 
 ``dvc.yaml`` stages, Prefect tasks and users all run these through the ``fmbseg`` command.
+Each stage is one MLflow run (see :mod:`fmbseg.tracking`: params, numeric summary values as
+metrics, weight provenance and input hashes as tags, small reports as artifacts); the data
+gates run at the end of the stage whose output they check and stop the pipeline on failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from fmbseg.commands import params_from_args
+from fmbseg.config import Params
 from fmbseg.errors import InputError
-from fmbseg.models.vocabulary import validate_vocabulary
-
-
-def read_class_names(path: str | Path) -> tuple[str, ...]:
-    """A UTF-8 text file with one class name per line; blank lines are skipped."""
-    file = Path(path)
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"{file}: class-name file not found") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    try:
-        return validate_vocabulary(line for line in lines if line.strip())
-    except InputError as exc:
-        raise InputError(f"{file}: {exc}") from None
+from fmbseg.models.vocabulary import read_vocabulary_file, validate_vocabulary
 
 
 def read_image_labels(path: str | Path) -> dict[str, list[str]]:
@@ -55,40 +46,92 @@ def _print(summary: dict[str, Any]) -> None:
     print(json.dumps(summary, indent=2, ensure_ascii=False))
 
 
+def _numbers(summary: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric values of a summary, nested keys joined with dots (booleans left out)."""
+    found: dict[str, float] = {}
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            found |= _numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool) and value == value:
+            found[f"{prefix}{key}"] = float(value)
+    return found
+
+
+@contextlib.contextmanager
+def _tracked(stage: str, params: Params, inputs: Sequence[str | Path]) -> Iterator[Any]:
+    from fmbseg.tracking import stage_run
+
+    with stage_run(stage, params, inputs=[str(path) for path in inputs]) as run:
+        yield run
+
+
+def _record(run: Any, summary: dict[str, Any], artifacts: Sequence[Path] = ()) -> None:
+    """Summary numbers as metrics, ``provenance`` as weight tags, existing files as artifacts."""
+    run.log_metrics(_numbers({k: v for k, v in summary.items() if k != "provenance"}))
+    run.set_tags({f"weights.{role}": tag for role, tag in summary.get("provenance", {}).items()})
+    for path in artifacts:
+        if path.is_file():
+            run.log_artifact(path)
+
+
+def _gate(run: Any, report: Any, out_dir: Path) -> None:
+    """Write the gate's report, attach it to the run, and stop the stage if the gate failed."""
+    from fmbseg.gates import run_gate
+
+    try:
+        run_gate(report, out_dir)
+    finally:
+        for path in sorted(out_dir.glob(f"{report.gate}.*")):
+            run.log_artifact(path, "gates")
+
+
 def pseudolabel(args: argparse.Namespace) -> int:
     from fmbseg.pseudolabel.stage import run_pseudolabel
 
-    vocabulary = read_class_names(args.vocabulary)
+    vocabulary = read_vocabulary_file(args.vocabulary)
     params = params_from_args(args)
-    summary = run_pseudolabel(
-        params,
-        args.images,
-        vocabulary,
-        args.out,
-        image_labels=read_image_labels(args.image_labels) if args.image_labels else None,
-        limit=args.limit,
-        worker=parse_worker(args.worker),
-    )
-    summary.pop("failed_images")
+    with _tracked("pseudolabel", params, [args.images, args.vocabulary]) as run:
+        summary = run_pseudolabel(
+            params,
+            args.images,
+            vocabulary,
+            args.out,
+            image_labels=read_image_labels(args.image_labels) if args.image_labels else None,
+            limit=args.limit,
+            worker=parse_worker(args.worker),
+        )
+        summary.pop("failed_images")
+        _record(run, summary, [Path(args.out) / "summary.json"])
     _print(summary)
     return 0
 
 
 def merge(args: argparse.Namespace) -> int:
+    from fmbseg.gates import check_pseudolabels
     from fmbseg.pseudolabel.merge import run_merge
 
-    summary = run_merge(params_from_args(args).merge, args.pseudolabels, args.out)
-    summary.pop("class_pixels")
+    params = params_from_args(args)
+    out = Path(args.out)
+    with _tracked("merge", params, [args.pseudolabels]) as run:
+        summary = run_merge(params.merge, args.pseudolabels, out)
+        summary.pop("class_pixels")
+        _record(run, summary)
+        _gate(run, check_pseudolabels(args.pseudolabels, out, params.gates), out / "gates")
     _print(summary)
     return 0
 
 
 def cache_features(args: argparse.Namespace) -> int:
     from fmbseg.align.features import run_cache_features
+    from fmbseg.gates import check_features
 
-    summary = run_cache_features(
-        params_from_args(args), args.images, args.labels, args.out, limit=args.limit
-    )
+    params = params_from_args(args)
+    out = Path(args.out)
+    with _tracked("features", params, [args.images, args.labels]) as run:
+        summary = run_cache_features(params, args.images, args.labels, out, limit=args.limit)
+        summary["provenance"] = {"encoder": summary["encoder"]["tag"]}
+        _record(run, summary)
+        _gate(run, check_features(out, params.gates), out / "gates")
     _print(summary)
     return 0
 
@@ -96,5 +139,122 @@ def cache_features(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     from fmbseg.align.train import run_train
 
-    _print(run_train(params_from_args(args), args.features, args.out))
+    params = params_from_args(args)
+    out = Path(args.out)
+    with _tracked("train", params, [args.features]) as run:
+
+        def log_epoch(record: dict[str, Any]) -> None:
+            run.log_metrics(_numbers(record), step=int(record["epoch"]))
+
+        metrics = run_train(params, args.features, out, on_epoch=log_epoch)
+        _record(run, metrics, [out / "metrics.json", out / "loss.csv", out / "module.json"])
+    _print(metrics)
+    return 0
+
+
+def download(args: argparse.Namespace) -> int:
+    """A benchmark (download, verify, extract, convert) or a demo set (built offline)."""
+    import shutil
+    import tempfile
+
+    from fmbseg.datasets.download import run_download
+    from fmbseg.demo import DEMO_BUILDERS
+
+    root = Path(args.root)
+    if args.name not in DEMO_BUILDERS:
+        _print(run_download(args.name, root, base_url=args.base_url))
+        return 0
+    target = root / args.name
+    if not target.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(dir=root, prefix=f".{args.name}."))
+        try:
+            DEMO_BUILDERS[args.name](building)
+            building.rename(target)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    _print({"name": args.name, "path": str(target)})
+    return 0
+
+
+def manifest(args: argparse.Namespace) -> int:
+    from fmbseg.gates import check_manifest
+    from fmbseg.manifest import build_manifest, write_manifest
+
+    params = params_from_args(args)
+    out = Path(args.out)
+    with _tracked("manifest", params, [args.dataset]) as run:
+        columns = build_manifest(args.dataset, args.split, params.pseudolabel.max_image_pixels)
+        path = write_manifest(columns, out)
+        summary = {"images": len(columns["image_id"]), "undecodable": columns["decodable"].count(False)}
+        _record(run, summary)
+        _gate(run, check_manifest(path, params.gates), out / "gates")
+    _print(summary | {"manifest": str(path)})
+    return 0
+
+
+def _class_names_argument(value: str) -> tuple[str, ...]:
+    """``--classes`` is a comma-separated list, or a class-name file."""
+    return read_vocabulary_file(value) if Path(value).is_file() else validate_vocabulary(value.split(","))
+
+
+def predict(args: argparse.Namespace) -> int:
+    from fmbseg.predict import run_predict
+
+    summary = run_predict(
+        params_from_args(args), args.inputs, _class_names_argument(args.classes), args.model, args.out
+    )
+    _print(summary)
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from fmbseg.evaluate import run_evaluate
+
+    params = params_from_args(args)
+    dataset = Path(args.dataset)
+    if not dataset.is_dir():
+        from fmbseg.datasets.registry import get_dataset_spec
+
+        get_dataset_spec(args.dataset)  # an unknown name lists the known ones
+        dataset = Path(args.root or params.data.root) / args.dataset
+        if not dataset.is_dir():
+            raise InputError(f"{dataset}: not downloaded yet; run: fmbseg download {args.dataset}")
+    out = Path(args.out)
+    source = args.pseudolabels or args.model
+    with _tracked("evaluate", params, [dataset, source]) as run:
+        run.set_tags({"fmbseg.dataset": dataset.name, "fmbseg.evaluated": str(source)})
+        metrics = run_evaluate(
+            params,
+            dataset,
+            out,
+            split=args.split,
+            model=None if args.pseudolabels else args.model,
+            pseudolabels=args.pseudolabels,
+            limit=args.limit,
+        )
+        _record(
+            run,
+            {key: metrics[key] for key in ("mIoU", "pixel_accuracy", "images", "provenance")},
+            [out / name for name in ("metrics.json", "per_class.csv", "confusion.png")],
+        )
+    _print({key: metrics[key] for key in ("mIoU", "pixel_accuracy", "images")})
+    return 0
+
+
+def register(args: argparse.Namespace) -> int:
+    """Register the trained module with its per-dataset mIoU; the new version is `candidate`."""
+    from fmbseg.io.atomic import write_text_atomic
+    from fmbseg.registry import register_module
+
+    params = params_from_args(args)
+    evaluation = {
+        path.parent.name: json.loads(path.read_text(encoding="utf-8"))["mIoU"]
+        for path in sorted(Path(args.evaluations).glob("*/metrics.json"))
+    }
+    with _tracked("register", params, [args.model, args.evaluations]) as run:
+        version = register_module(args.model, name=args.name, evaluation=evaluation, run_id=run.run_id)
+    record = {"name": args.name, "version": version, "alias": "candidate", "mIoU": evaluation}
+    write_text_atomic(args.out, json.dumps(record, indent=2))
+    _print(record)
     return 0

@@ -7,11 +7,13 @@ import os
 os.environ.setdefault("FMBSEG_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("FMBSEG_TRACKING", "0")  # tests that track set up their own MLflow store
 
 import fmbseg  # noqa: E402,F401  (installs the torchvision repair before any test imports it)
 
 
 import dataclasses  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -65,3 +67,27 @@ def oracle_run(tmp_path_factory: pytest.TempPathFactory) -> OracleRun:
     finally:
         torch.set_num_threads(threads)
     return OracleRun(params, root / "scenes", root / "merged", root / "model" / "module.safetensors")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tracking on, into one SQLite MLflow store per test module (creating one costs seconds),
+    with none of the caller's pipeline, DVC or Prefect context leaking in."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        patch.setenv("FMBSEG_TRACKING", "1")
+        patch.setenv("DO_NOT_TRACK", "true")
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        for name in (
+            "FMBSEG_PIPELINE_RUN_ID",
+            "FMBSEG_EXPERIMENT",
+            "FMBSEG_ARTIFACT_ROOT",
+            "DVC_STAGE",
+            "DVC_ROOT",
+            "PREFECT__FLOW_RUN_ID",
+            "MLFLOW_RUN_ID",
+        ):
+            patch.delenv(name, raising=False)
+        yield folder

@@ -11,7 +11,7 @@ import pytest
 
 from fmbseg.errors import InputError
 from fmbseg.oracle.scenes import OracleWorld, write_scene_folder
-from fmbseg.stages import parse_worker, read_class_names
+from fmbseg.stages import parse_worker
 
 ORACLE = [
     "-S", "models.clip.backend=oracle", "-S", "models.sam.backend=oracle",
@@ -41,18 +41,6 @@ def test_stage_1_and_2_chain_end_to_end(tmp_path: Path) -> None:
     assert cached["images"] == 6
     assert trained["epochs"] == 2
     assert (tmp_path / "model" / "module.safetensors").is_file()
-
-
-def test_class_name_file_rules(tmp_path: Path) -> None:
-    path = tmp_path / "classes.txt"
-    path.write_text("cat\n\n  traffic light \ncrème brûlée\n", encoding="utf-8")
-    assert read_class_names(path) == ("cat", "traffic light", "crème brûlée")
-    path.write_text("cat\nCat\n", encoding="utf-8")
-    with pytest.raises(InputError, match="classes.txt: .*duplicate class name 'Cat'"):
-        read_class_names(path)
-    path.write_bytes(b"\xff\xfe cat")
-    with pytest.raises(InputError, match="not UTF-8"):
-        read_class_names(path)
 
 
 @pytest.mark.parametrize("text", ["1", "2/2", "a/3", "-1/2"])

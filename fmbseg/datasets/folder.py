@@ -24,6 +24,7 @@ from fmbseg.datasets.registry import IGNORE_INDEX, DatasetSpec
 from fmbseg.errors import InputError
 from fmbseg.io.atomic import atomic_write
 from fmbseg.io.images import DEFAULT_MAX_PIXELS, image_id, list_images, read_rgb
+from fmbseg.models.vocabulary import read_vocabulary_file
 
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
@@ -104,28 +105,6 @@ def write_mask(path: str | Path, labels: np.ndarray) -> None:
         Image.fromarray(values.astype(dtype)).save(handle, format="PNG")
 
 
-def read_class_names(path: str | Path) -> tuple[str, ...]:
-    """Class names, one per line; trailing blank lines are allowed, inner ones are not."""
-    file = Path(path)
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"{file}: class list not found") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{file}: class list is not UTF-8 text") from None
-    while lines and not lines[-1].strip():
-        lines.pop()
-    names = tuple(line.strip() for line in lines)
-    if not names:
-        raise InputError(f"{file}: class list is empty")
-    if "" in names:
-        raise InputError(f"{file}: line {names.index('') + 1} is blank (every line is a class)")
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise InputError(f"{file}: duplicate class names {duplicates}")
-    return names
-
-
 def _read_meta(file: Path) -> dict[str, Any]:
     if not file.is_file():
         return {}
@@ -148,7 +127,7 @@ def _optional_int(meta: dict[str, Any], key: str, default: int | None, file: Pat
 def folder_spec(root: str | Path) -> DatasetSpec:
     """The spec of a dataset in the folder layout: masks already hold class indices."""
     folder = Path(root)
-    names = read_class_names(folder / CLASSES_FILE)
+    names = read_vocabulary_file(folder / CLASSES_FILE)
     meta_file = folder / META_FILE
     meta = _read_meta(meta_file)
     ignore_index = _optional_int(meta, "ignore_index", IGNORE_INDEX, meta_file)

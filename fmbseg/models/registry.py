@@ -53,13 +53,27 @@ def _factory(role: str, name: str) -> Factory:
     return entry
 
 
+RANDOM_INIT_SEED = 0
+
+
+def _build(role: str, name: str, models: ModelsConfig) -> Any:
+    """Build under a fixed torch seed, so random-init weights are the same in every run
+    (and a pipeline of random-init models stays reproducible) without touching the caller's RNG."""
+    import torch
+
+    factory = _factory(role, name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return factory(models)
+
+
 def build_vision_language_model(models: ModelsConfig) -> VisionLanguageModel:
-    return _factory("clip", models.clip.backend)(models)
+    return _build("clip", models.clip.backend, models)
 
 
 def build_segmenter(models: ModelsConfig) -> PromptableSegmenter:
-    return _factory("sam", models.sam.backend)(models)
+    return _build("sam", models.sam.backend, models)
 
 
 def build_patch_encoder(models: ModelsConfig) -> PatchEncoder:
-    return _factory("encoder", models.encoder.backend)(models)
+    return _build("encoder", models.encoder.backend, models)

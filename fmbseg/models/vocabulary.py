@@ -7,6 +7,7 @@ vocabulary before any model is built.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fmbseg.errors import InputError
@@ -46,6 +47,27 @@ def validate_vocabulary(names: Iterable[str]) -> tuple[str, ...]:
     if not cleaned:
         raise InputError("vocabulary: no class names given")
     return tuple(cleaned)
+
+
+def read_vocabulary_file(path: str | Path) -> tuple[str, ...]:
+    """A UTF-8 file of class names, one per line: line N is class N-1, so only trailing blank
+    lines are allowed; names are validated as by :func:`validate_vocabulary`."""
+    file = Path(path)
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{file}: class-name file not found") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if "" in (line.strip() for line in lines):
+        blank = [line.strip() for line in lines].index("") + 1
+        raise InputError(f"{file}: line {blank} is blank (every line is a class)")
+    try:
+        return validate_vocabulary(lines)
+    except InputError as exc:
+        raise InputError(f"{file}: {exc}") from None
 
 
 class VocabularyEncoder:

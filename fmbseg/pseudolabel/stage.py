@@ -194,6 +194,7 @@ def summarise(out_dir: Path, total_shards: int) -> dict[str, Any]:
             seconds[phase] = seconds.get(phase, 0.0) + value
     images = sum(len(info["images"]) for info in infos)
     failed = {key: reason for info in infos for key, reason in info["failed"].items()}
+    provenance = next((info["provenance"] for info in infos if "provenance" in info), {})
     return {
         "shards": total_shards,
         "shards_done": len(infos),
@@ -201,6 +202,7 @@ def summarise(out_dir: Path, total_shards: int) -> dict[str, Any]:
         "failed": len(failed),
         "failed_images": failed,
         "seconds": seconds,
+        "provenance": provenance,
     }
 
 

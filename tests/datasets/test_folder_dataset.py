@@ -99,7 +99,7 @@ def test_bad_dataset_json_is_refused(root: Path, meta: dict, message: str) -> No
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("sky\n\nroad\n", "line 2 is blank"), ("sky\nsky\n", "duplicate class names"), ("", "empty")],
+    [("sky\n\nroad\n", "line 2 is blank"), ("sky\nsky\n", "duplicate class name"), ("", "no class names given")],
 )
 def test_bad_class_lists_are_refused(root: Path, text: str, message: str) -> None:
     (root / "classes.txt").write_text(text)
@@ -109,7 +109,7 @@ def test_bad_class_lists_are_refused(root: Path, text: str, message: str) -> Non
 
 def test_missing_class_list_is_named(root: Path) -> None:
     (root / "classes.txt").unlink()
-    with pytest.raises(InputError, match=r"classes\.txt: class list not found"):
+    with pytest.raises(InputError, match=r"classes\.txt: class-name file not found"):
         FolderDataset(root)
 
 

@@ -118,3 +118,22 @@ def test_import_does_not_load_torch() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_vocabulary_file_lines_are_class_ids(tmp_path) -> None:
+    from fmbseg.models.vocabulary import read_vocabulary_file
+
+    path = tmp_path / "classes.txt"
+    path.write_text("cat\n  traffic light \ncrème brûlée\n\n", encoding="utf-8")
+    assert read_vocabulary_file(path) == ("cat", "traffic light", "crème brûlée")
+    path.write_text("cat\n\ndog\n", encoding="utf-8")
+    with pytest.raises(InputError, match="classes.txt: line 2 is blank"):
+        read_vocabulary_file(path)
+    path.write_text("cat\nCat\n", encoding="utf-8")
+    with pytest.raises(InputError, match="classes.txt: .*duplicate class name 'Cat'"):
+        read_vocabulary_file(path)
+    path.write_bytes(b"\xff\xfe cat")
+    with pytest.raises(InputError, match="not UTF-8"):
+        read_vocabulary_file(path)
+    with pytest.raises(InputError, match="class-name file not found"):
+        read_vocabulary_file(tmp_path / "absent.txt")

@@ -1,0 +1,131 @@
+"""mIoU of a trained segmenter (or of Stage 1 alone) on a labelled dataset folder.
+
+Outputs: ``metrics.json`` (mIoU, pixel accuracy, per-class IoU; for DVC metrics),
+``per_class.csv`` (for DVC plots), ``confusion.json`` and ``confusion.png``.
+
+Stage 1 alone (the paper's training-free variant) is scored from a merge folder's label maps:
+its vocabulary must be the dataset's classes; pixels it leaves unlabelled count as background
+where the dataset has one, else as a wrong answer (an extra "unlabelled" prediction column that
+is not averaged into mIoU).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fmbseg.config import Params
+from fmbseg.datasets.folder import FolderDataset
+from fmbseg.errors import InputError
+from fmbseg.evaluation.metrics import ConfusionMatrix
+from fmbseg.io.atomic import write_text_atomic
+from fmbseg.masks import IGNORE_LABEL
+
+log = logging.getLogger(__name__)
+
+UNLABELLED = "(unlabelled)"
+
+
+def _background_rule(params: Params, index: int | None):  # noqa: ANN202 (Background | None)
+    from fmbseg.datasets.registry import coco_stuff_stuff_names
+    from fmbseg.segmenter import Background
+
+    if index is None:
+        return None
+    if params.inference.background == "stuff":
+        return Background(index, stuff_names=tuple(coco_stuff_stuff_names()))
+    return Background(index, threshold=params.inference.background_threshold)
+
+
+def _pseudolabel_predictor(merged_dir: Path, class_names: tuple[str, ...], background: int | None):
+    from fmbseg.pseudolabel.merge import label_map_path, read_label_map
+
+    run = json.loads((merged_dir / "run.json").read_text(encoding="utf-8"))
+    vocabulary = tuple(run["pseudolabel_run"]["vocabulary"])
+    if vocabulary != class_names:
+        raise InputError(
+            f"{merged_dir}: pseudo-labels use another vocabulary than the dataset's classes"
+        )
+    unlabelled = len(class_names) if background is None else background
+
+    def predict(image_id: str, image: np.ndarray) -> np.ndarray:
+        path = label_map_path(merged_dir, image_id)
+        if not path.is_file():
+            raise InputError(f"{path}: no pseudo-label map for image {image_id!r}")
+        labels = read_label_map(path).astype(np.int64)
+        return np.where(labels == IGNORE_LABEL, unlabelled, labels)
+
+    return predict
+
+
+def run_evaluate(
+    params: Params,
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    split: str | None = None,
+    model: str | Path | None = None,
+    pseudolabels: str | Path | None = None,
+    limit: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Score ``model`` (a module path or MLflow URI) or a merge folder on a dataset folder."""
+    from tqdm import tqdm
+
+    provenance: dict[str, str] = {}
+    if (model is None) == (pseudolabels is None):
+        raise InputError("evaluate: give either a model or a pseudo-label folder")
+    dataset = FolderDataset(dataset_dir, split)
+    spec = dataset.spec
+    names = spec.class_names
+    extra = pseudolabels is not None and spec.background_index is None
+    matrix = ConfusionMatrix(len(names) + int(extra), spec.ignore_index)
+    if model is not None:
+        from fmbseg.registry import resolve_module
+        from fmbseg.segmenter import load_segmenter
+
+        segmenter = load_segmenter(params, resolve_module(model))
+        background = _background_rule(params, spec.background_index)
+        provenance = {
+            "encoder": segmenter.encoder.provenance.tag,
+            "clip": segmenter.text.model.provenance.tag,
+        }
+
+        def predict(image_id: str, image: np.ndarray) -> np.ndarray:
+            return segmenter.segment(image, names, background).labels
+
+    else:
+        predict = _pseudolabel_predictor(Path(pseudolabels), names, spec.background_index)  # type: ignore[arg-type]
+    samples = list(dataset)[:limit]
+    for sample in tqdm(samples, unit="img", desc=f"evaluate {spec.name}", disable=not show_progress):
+        image, target = dataset.read(sample)
+        matrix.update(predict(sample.image_id, image), target)
+    return write_results(matrix, names, Path(out_dir), extra, len(samples)) | {"provenance": provenance}
+
+
+def write_results(
+    matrix: ConfusionMatrix, names: tuple[str, ...], out: Path, extra: bool, images: int
+) -> dict[str, Any]:
+    columns = (*names, UNLABELLED) if extra else names
+    metrics = matrix.metrics(columns)
+    if extra:
+        metrics["mIoU"] = float(np.nanmean(matrix.iou()[: len(names)]))
+        metrics["per_class"].pop(UNLABELLED, None)
+    metrics["images"] = images
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["class", "iou"])
+    for name in names:
+        value = metrics["per_class"].get(name)
+        writer.writerow([name, "" if value is None else f"{value:.6f}"])
+    write_text_atomic(out / "per_class.csv", table.getvalue())
+    matrix.save(out / "confusion.json")
+    matrix.plot(out / "confusion.png", columns)
+    return metrics
