@@ -213,10 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # Other libraries speak at WARNING and above; fmbseg's own progress at INFO unless --quiet.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fmbseg").setLevel(logging.WARNING if args.quiet else logging.INFO)
     from fmbseg.environment import apply_quiet_defaults
     from fmbseg.errors import FmbsegError
 

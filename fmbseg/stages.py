@@ -214,12 +214,15 @@ def evaluate(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     dataset = Path(args.dataset)
     if not dataset.is_dir():
-        from fmbseg.datasets.registry import get_dataset_spec
-
-        get_dataset_spec(args.dataset)  # an unknown name lists the known ones
         dataset = Path(args.root or params.data.root) / args.dataset
-        if not dataset.is_dir():
-            raise InputError(f"{dataset}: not downloaded yet; run: fmbseg download {args.dataset}")
+    if not dataset.is_dir():
+        from fmbseg.datasets.registry import list_datasets
+        from fmbseg.demo import DEMO_BUILDERS
+
+        known = sorted([*list_datasets(), *DEMO_BUILDERS])
+        if args.dataset not in known:
+            raise InputError(f"unknown dataset {args.dataset!r} (known: {', '.join(known)}, or a folder)")
+        raise InputError(f"{dataset}: not downloaded yet; run: fmbseg download {args.dataset}")
     out = Path(args.out)
     source = args.pseudolabels or args.model
     with _tracked("evaluate", params, [dataset, source]) as run:
