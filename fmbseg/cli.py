@@ -48,9 +48,16 @@ def _pseudolabel_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (resumable)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument(
-        "--image-labels", default=None, help="JSON {image_id: [class, ...]}: semi-supervised variant"
+        "--image-labels",
+        default=None,
+        help="JSON {image_id: [class, ...]}: semi-supervised variant",
     )
     parser.add_argument("--worker", default="0/1", help="I/N: process every N-th shard from I")
+    parser.add_argument(
+        "--restart-if-changed",
+        action="store_true",
+        help="replace outputs made with other inputs or params instead of refusing",
+    )
 
 
 def _merge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +81,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _download_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="a benchmark (voc21, ade20k, ...) or demo set (demo_train, demo_voc)")
+    parser.add_argument(
+        "name", help="a benchmark (voc21, ade20k, ...) or demo set (demo_train, demo_voc)"
+    )
     parser.add_argument("--root", default="data", help="datasets folder (default: %(default)s)")
     parser.add_argument("--base-url", default=None, help="a mirror serving the archives")
 
@@ -116,13 +125,17 @@ def _register_arguments(parser: argparse.ArgumentParser) -> None:
     _params_arguments(parser)
     parser.add_argument("--model", required=True, help="a training output folder")
     parser.add_argument("--evaluations", required=True, help="folder of <dataset>/metrics.json")
-    parser.add_argument("--name", default="fmbseg", help="registered model name (default: %(default)s)")
+    parser.add_argument(
+        "--name", default="fmbseg", help="registered model name (default: %(default)s)"
+    )
     parser.add_argument("--out", required=True, help="JSON record of the new version")
 
 
 def _promote_arguments(parser: argparse.ArgumentParser) -> None:
     _params_arguments(parser)
-    parser.add_argument("--name", default="fmbseg", help="registered model name (default: %(default)s)")
+    parser.add_argument(
+        "--name", default="fmbseg", help="registered model name (default: %(default)s)"
+    )
     parser.add_argument("--datasets", default=None, help="comma-separated (default: data.evaluate)")
 
 
@@ -131,7 +144,11 @@ def _lineage_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("config", "print the resolved params (defaults <- file <- -S)", "fmbseg.commands:show_config"),
+    Command(
+        "config",
+        "print the resolved params (defaults <- file <- -S)",
+        "fmbseg.commands:show_config",
+    ),
     Command(
         "pseudolabel",
         "Stage 1: CLIP+SAM pseudo-labels (routes 1.1 and 1.2) for a folder of images",
@@ -156,9 +173,17 @@ COMMANDS: tuple[Command, ...] = (
         "fmbseg.stages:train",
         _train_arguments,
     ),
-    Command("download", "get a dataset into the folder layout", "fmbseg.stages:download", _download_arguments),
     Command(
-        "manifest", "list a dataset split's images (decoded once)", "fmbseg.stages:manifest", _manifest_arguments
+        "download",
+        "get a dataset into the folder layout",
+        "fmbseg.stages:download",
+        _download_arguments,
+    ),
+    Command(
+        "manifest",
+        "list a dataset split's images (decoded once)",
+        "fmbseg.stages:manifest",
+        _manifest_arguments,
     ),
     Command(
         "predict",
@@ -166,7 +191,9 @@ COMMANDS: tuple[Command, ...] = (
         "fmbseg.stages:predict",
         _predict_arguments,
     ),
-    Command("evaluate", "mIoU on a labelled dataset", "fmbseg.stages:evaluate", _evaluate_arguments),
+    Command(
+        "evaluate", "mIoU on a labelled dataset", "fmbseg.stages:evaluate", _evaluate_arguments
+    ),
     Command(
         "register",
         "register the trained module in MLflow (alias: candidate)",

@@ -13,7 +13,9 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 def params_from_args(args: argparse.Namespace) -> Params:
     """``--params`` if given, else ./params.yaml when present, else defaults; then ``-S``."""
-    path = Path(args.params) if args.params else (DEFAULT_PARAMS if DEFAULT_PARAMS.is_file() else None)
+    path = (
+        Path(args.params) if args.params else (DEFAULT_PARAMS if DEFAULT_PARAMS.is_file() else None)
+    )
     return load_params(path, args.overrides)
 
 
@@ -28,7 +30,9 @@ def promote(args: argparse.Namespace) -> int:
 
     from fmbseg.registry import promote as promote_version
 
-    datasets = args.datasets.split(",") if args.datasets else list(params_from_args(args).data.evaluate)
+    datasets = (
+        args.datasets.split(",") if args.datasets else list(params_from_args(args).data.evaluate)
+    )
     result = promote_version(args.name, datasets)
     print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
     return 0

@@ -155,6 +155,7 @@ class InferenceConfig(FrozenConfig):
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
+
 class ManifestGateConfig(FrozenConfig):
     """Bounds on the image table a dataset split is pseudo-labelled from."""
 

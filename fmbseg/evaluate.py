@@ -103,10 +103,14 @@ def run_evaluate(
     else:
         predict = _pseudolabel_predictor(Path(pseudolabels), names, spec.background_index)  # type: ignore[arg-type]
     samples = list(dataset)[:limit]
-    for sample in tqdm(samples, unit="img", desc=f"evaluate {spec.name}", disable=not show_progress):
+    for sample in tqdm(
+        samples, unit="img", desc=f"evaluate {spec.name}", disable=not show_progress
+    ):
         image, target = dataset.read(sample)
         matrix.update(predict(sample.image_id, image), target)
-    return write_results(matrix, names, Path(out_dir), extra, len(samples)) | {"provenance": provenance}
+    return write_results(matrix, names, Path(out_dir), extra, len(samples)) | {
+        "provenance": provenance
+    }
 
 
 def write_results(

@@ -23,7 +23,8 @@ def build_manifest(
 ) -> dict[str, list[Any]]:
     root = Path(dataset_dir)
     columns: dict[str, list[Any]] = {
-        name: [] for name in ("image_id", "path", "split", "width", "height", "decodable", "error", "bytes")
+        name: []
+        for name in ("image_id", "path", "split", "width", "height", "decodable", "error", "bytes")
     }
     for split in splits:
         images_root = root / "images" / split

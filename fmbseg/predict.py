@@ -62,7 +62,9 @@ def write_label_png(path: Path, labels: np.ndarray, count: int) -> None:
         image.save(handle, format="PNG")
 
 
-def write_overlay_png(path: Path, image: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> None:
+def write_overlay_png(
+    path: Path, image: np.ndarray, labels: np.ndarray, names: Sequence[str]
+) -> None:
     import imgviz
     from PIL import Image
 

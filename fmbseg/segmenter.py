@@ -129,9 +129,7 @@ class OpenVocabularySegmenter:
         ]
         scores = self.score(image, self.text.embed(queried))
         best, winner = scores.max(0)
-        to_output = torch.tensor(
-            foreground + [background.index] * (len(queried) - len(foreground))
-        )
+        to_output = torch.tensor(foreground + [background.index] * (len(queried) - len(foreground)))
         labels = to_output[winner]
         if background.threshold is not None:
             labels[best < background.threshold] = background.index

@@ -31,7 +31,9 @@ def read_image_labels(path: str | Path) -> dict[str, list[str]]:
     if not isinstance(data, dict) or not all(
         isinstance(v, list) and all(isinstance(n, str) for n in v) for v in data.values()
     ):
-        raise InputError(f"{file}: expected a JSON object mapping image ids to lists of class names")
+        raise InputError(
+            f"{file}: expected a JSON object mapping image ids to lists of class names"
+        )
     return data
 
 
@@ -99,6 +101,7 @@ def pseudolabel(args: argparse.Namespace) -> int:
             image_labels=read_image_labels(args.image_labels) if args.image_labels else None,
             limit=args.limit,
             worker=parse_worker(args.worker),
+            restart_if_changed=args.restart_if_changed,
         )
         summary.pop("failed_images")
         _record(run, summary, [Path(args.out) / "summary.json"])
@@ -186,7 +189,10 @@ def manifest(args: argparse.Namespace) -> int:
     with _tracked("manifest", params, [args.dataset]) as run:
         columns = build_manifest(args.dataset, args.split, params.pseudolabel.max_image_pixels)
         path = write_manifest(columns, out)
-        summary = {"images": len(columns["image_id"]), "undecodable": columns["decodable"].count(False)}
+        summary = {
+            "images": len(columns["image_id"]),
+            "undecodable": columns["decodable"].count(False),
+        }
         _record(run, summary)
         _gate(run, check_manifest(path, params.gates), out / "gates")
     _print(summary | {"manifest": str(path)})
@@ -195,14 +201,22 @@ def manifest(args: argparse.Namespace) -> int:
 
 def _class_names_argument(value: str) -> tuple[str, ...]:
     """``--classes`` is a comma-separated list, or a class-name file."""
-    return read_vocabulary_file(value) if Path(value).is_file() else validate_vocabulary(value.split(","))
+    return (
+        read_vocabulary_file(value)
+        if Path(value).is_file()
+        else validate_vocabulary(value.split(","))
+    )
 
 
 def predict(args: argparse.Namespace) -> int:
     from fmbseg.predict import run_predict
 
     summary = run_predict(
-        params_from_args(args), args.inputs, _class_names_argument(args.classes), args.model, args.out
+        params_from_args(args),
+        args.inputs,
+        _class_names_argument(args.classes),
+        args.model,
+        args.out,
     )
     _print(summary)
     return 0
@@ -221,7 +235,9 @@ def evaluate(args: argparse.Namespace) -> int:
 
         known = sorted([*list_datasets(), *DEMO_BUILDERS])
         if args.dataset not in known:
-            raise InputError(f"unknown dataset {args.dataset!r} (known: {', '.join(known)}, or a folder)")
+            raise InputError(
+                f"unknown dataset {args.dataset!r} (known: {', '.join(known)}, or a folder)"
+            )
         raise InputError(f"{dataset}: not downloaded yet; run: fmbseg download {args.dataset}")
     out = Path(args.out)
     source = args.pseudolabels or args.model
@@ -256,7 +272,9 @@ def register(args: argparse.Namespace) -> int:
         for path in sorted(Path(args.evaluations).glob("*/metrics.json"))
     }
     with _tracked("register", params, [args.model, args.evaluations]) as run:
-        version = register_module(args.model, name=args.name, evaluation=evaluation, run_id=run.run_id)
+        version = register_module(
+            args.model, name=args.name, evaluation=evaluation, run_id=run.run_id
+        )
     record = {"name": args.name, "version": version, "alias": "candidate", "mIoU": evaluation}
     write_text_atomic(args.out, json.dumps(record, indent=2))
     _print(record)

@@ -8,6 +8,15 @@ os.environ.setdefault("FMBSEG_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("FMBSEG_TRACKING", "0")  # tests that track set up their own MLflow store
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+if "PREFECT_HOME" not in os.environ:  # never the user's ~/.prefect
+    import tempfile
+
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="fmbseg-prefect-")
 
 import fmbseg  # noqa: E402,F401  (installs the torchvision repair before any test imports it)
 

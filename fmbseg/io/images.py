@@ -24,7 +24,9 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(
         path
         for path in root.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not path.name.startswith(".")
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and path.is_file()
+        and not path.name.startswith(".")
     )
 
 

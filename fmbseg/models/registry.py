@@ -27,7 +27,10 @@ _registry: dict[str, dict[str, Factory | str]] = {
         "segment_anything": "fmbseg.models.sam:build",
         "oracle": "fmbseg.oracle.fakes:build_sam",
     },
-    "encoder": {"timm": "fmbseg.models.encoder:build", "oracle": "fmbseg.oracle.fakes:build_encoder"},
+    "encoder": {
+        "timm": "fmbseg.models.encoder:build",
+        "oracle": "fmbseg.oracle.fakes:build_encoder",
+    },
 }
 
 

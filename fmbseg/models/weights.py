@@ -71,9 +71,13 @@ def _find_local(request: WeightsRequest, dirs: list[Path]) -> Path | None:
 
 
 def _placement_hint(request: WeightsRequest, dirs: list[Path]) -> str:
-    where = " or ".join(f"{d / request.role}/" for d in dirs) or f"${WEIGHTS_DIR_ENV}/{request.role}/"
+    where = (
+        " or ".join(f"{d / request.role}/" for d in dirs) or f"${WEIGHTS_DIR_ENV}/{request.role}/"
+    )
     origin = f" (the file published at {request.source_url})" if request.source_url else ""
-    return f"place {request.filenames[0]}{origin} in {where} or set models.{request.role}.checkpoint"
+    return (
+        f"place {request.filenames[0]}{origin} in {where} or set models.{request.role}.checkpoint"
+    )
 
 
 def resolve_weights(
@@ -86,7 +90,11 @@ def resolve_weights(
     def provenance(source: str, path: Path | None) -> WeightProvenance:
         digest = file_sha256(path) if path is not None else None
         return WeightProvenance(
-            request.role, request.model, source, str(path) if path else None, digest  # type: ignore[arg-type]
+            request.role,
+            request.model,
+            source,
+            str(path) if path else None,
+            digest,  # type: ignore[arg-type]
         )
 
     if checkpoint:
@@ -143,7 +151,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch and safetensors raise many kinds
         reason = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
-        raise WeightsError(f"{path}: not readable as a weights-only checkpoint ({reason})") from None
+        raise WeightsError(
+            f"{path}: not readable as a weights-only checkpoint ({reason})"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -84,7 +84,10 @@ class DenseClipFeatures:
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float() / 255.0
+    return (
+        torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float()
+        / 255.0
+    )
 
 
 @torch.no_grad()
@@ -110,7 +113,9 @@ def dense_clip_features(
     crop_embeddings = []
     for start in range(0, len(windows.offsets), batch_size):
         chunk = windows.offsets[start : start + batch_size]
-        crops = torch.stack([resized[:, t : t + windows.crop, l : l + windows.crop] for t, l in chunk])
+        crops = torch.stack(
+            [resized[:, t : t + windows.crop, l : l + windows.crop] for t, l in chunk]
+        )
         dense = model.encode_images(crops)
         patches = dense.patches.float().cpu()
         if total is None:

@@ -66,8 +66,12 @@ def merge_image(
     image_id: str,
 ) -> tuple[np.ndarray, list[int]]:
     """One image's label map and the indices of the masks kept, per the module's rule."""
-    order = select_masks(routes, areas, config.route_12_fraction, image_generator(config.seed, image_id))
-    label_map = paint_label_map(height, width, [masks[i] for i in order], [class_ids[i] for i in order])
+    order = select_masks(
+        routes, areas, config.route_12_fraction, image_generator(config.seed, image_id)
+    )
+    label_map = paint_label_map(
+        height, width, [masks[i] for i in order], [class_ids[i] for i in order]
+    )
     return label_map, sorted(order)
 
 
@@ -89,7 +93,9 @@ def read_label_map(path: Path) -> np.ndarray:
         return np.asarray(image, dtype=np.uint16)
 
 
-def _merge_shard(pseudo_dir: Path, out_dir: Path, info: dict[str, Any], config: MergeConfig, classes: int) -> None:
+def _merge_shard(
+    pseudo_dir: Path, out_dir: Path, info: dict[str, Any], config: MergeConfig, classes: int
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -124,12 +130,17 @@ def _merge_shard(pseudo_dir: Path, out_dir: Path, info: dict[str, Any], config: 
                 "id": image["id"],
                 "labelled_fraction": float(labelled.mean()),
                 "class_pixels": pixels.tolist(),
-                "kept": {route: sum(columns["route"][rows[i]] == route for i in kept) for route in (ROUTE_POINTS, ROUTE_AUTOMATIC)},
+                "kept": {
+                    route: sum(columns["route"][rows[i]] == route for i in kept)
+                    for route in (ROUTE_POINTS, ROUTE_AUTOMATIC)
+                },
             }
         )
     with atomic_write(out_dir / SHARD_DIR / f"{name}.parquet") as handle:
         pq.write_table(table.take(pa.array(sorted(kept_rows), type=pa.int64())), handle)
-    write_text_atomic(out_dir / SHARD_DIR / f"{name}.json", json.dumps({"shard": info["shard"], "images": stats}))
+    write_text_atomic(
+        out_dir / SHARD_DIR / f"{name}.json", json.dumps({"shard": info["shard"], "images": stats})
+    )
 
 
 def run_merge(config: MergeConfig, pseudo_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
@@ -158,14 +169,23 @@ def _summarise(out: Path, vocabulary: list[str]) -> dict[str, Any]:
         for path in sorted((out / SHARD_DIR).glob("*.json"))
         for image in json.loads(path.read_text(encoding="utf-8"))["images"]
     ]
-    class_pixels = np.sum([image["class_pixels"] for image in images], axis=0) if images else np.zeros(len(vocabulary))
+    class_pixels = (
+        np.sum([image["class_pixels"] for image in images], axis=0)
+        if images
+        else np.zeros(len(vocabulary))
+    )
     summary = {
         "images": len(images),
-        "mean_labelled_fraction": float(np.mean([i["labelled_fraction"] for i in images])) if images else 0.0,
+        "mean_labelled_fraction": float(np.mean([i["labelled_fraction"] for i in images]))
+        if images
+        else 0.0,
         "masks_kept": {
-            route: int(sum(i["kept"][route] for i in images)) for route in (ROUTE_POINTS, ROUTE_AUTOMATIC)
+            route: int(sum(i["kept"][route] for i in images))
+            for route in (ROUTE_POINTS, ROUTE_AUTOMATIC)
         },
-        "class_pixels": {name: int(count) for name, count in zip(vocabulary, class_pixels, strict=True)},
+        "class_pixels": {
+            name: int(count) for name, count in zip(vocabulary, class_pixels, strict=True)
+        },
     }
     write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False))
     return summary

@@ -63,7 +63,9 @@ def route_points(
     masks = []
     for class_id in present:
         points = top_patch_points(features, text_embeddings[class_id], points_per_class)
-        result = sam.predict_from_points(sam_embedding, points, np.ones(len(points), dtype=np.int64))
+        result = sam.predict_from_points(
+            sam_embedding, points, np.ones(len(points), dtype=np.int64)
+        )
         if result.mask.any():
             masks.append(LabelledMask(class_id, ROUTE_POINTS, result.score, result.mask))
     return masks
@@ -102,7 +104,9 @@ def pseudolabel_image(
     start = time.perf_counter()
     features = dense_clip_features(image, clip, config, clip_batch_size)
     if image_classes is None:
-        present = detect_present_classes(features.crop_embeddings, text_embeddings, config.min_crops)
+        present = detect_present_classes(
+            features.crop_embeddings, text_embeddings, config.min_crops
+        )
     else:
         present = sorted(set(image_classes))
     start = watch.lap("clip", start)

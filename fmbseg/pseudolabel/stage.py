@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -66,7 +67,9 @@ def shard_done(out_dir: Path, shard: ShardPlan) -> bool:
     return (out_dir / SHARD_DIR / f"{shard.name}.json").is_file()
 
 
-def _run_record(params: Params, vocabulary: Sequence[str], ids: Sequence[str], image_labels: bool) -> dict[str, Any]:
+def _run_record(
+    params: Params, vocabulary: Sequence[str], ids: Sequence[str], image_labels: bool
+) -> dict[str, Any]:
     return {
         "vocabulary": list(vocabulary),
         "images": len(ids),
@@ -80,18 +83,22 @@ def _run_record(params: Params, vocabulary: Sequence[str], ids: Sequence[str], i
     }
 
 
-def _claim_output(out_dir: Path, record: dict[str, Any]) -> None:
-    """Start or resume a run; refuse to mix shards made with other inputs or params."""
+def _claim_output(out_dir: Path, record: dict[str, Any], restart_if_changed: bool) -> None:
+    """Start or resume a run. Shards made with other inputs or params are never mixed in:
+    the folder is refused, or with ``restart_if_changed`` emptied and started afresh."""
     run_file = out_dir / RUN_FILE
     if run_file.is_file():
         previous = json.loads(run_file.read_text(encoding="utf-8"))
-        if previous != record:
-            changed = sorted(key for key in record if previous.get(key) != record[key])
+        if previous == record:
+            return
+        changed = ", ".join(sorted(key for key in record if previous.get(key) != record[key]))
+        if not restart_if_changed:
             raise InputError(
-                f"{out_dir}: holds pseudo-labels made with other {', '.join(changed)}; "
-                "delete the folder (or choose another) to start over"
+                f"{out_dir}: holds pseudo-labels made with other {changed}; delete the folder "
+                "(or choose another, or pass --restart-if-changed) to start over"
             )
-        return
+        log.warning("%s: made with other %s; starting over", out_dir, changed)
+        shutil.rmtree(out_dir)
     write_text_atomic(run_file, json.dumps(record, indent=2, ensure_ascii=False))
 
 
@@ -172,7 +179,9 @@ def _process_shard(
             rows["height"].append(height)
             rows["width"].append(width)
             rows["rle"].append(encode_rle(labelled.mask))
-        info["images"].append({"id": key, "height": height, "width": width, "present": result.present})
+        info["images"].append(
+            {"id": key, "height": height, "width": width, "present": result.present}
+        )
         for phase, seconds in result.seconds.items():
             info["seconds"][phase] = info["seconds"].get(phase, 0.0) + seconds
         progress.update(1)
@@ -217,8 +226,13 @@ def run_pseudolabel(
     worker: tuple[int, int] = (0, 1),
     backends: Backends | None = None,
     show_progress: bool = True,
+    restart_if_changed: bool = False,
 ) -> dict[str, Any]:
-    """Pseudo-label every image below ``images_dir``; returns the run's summary."""
+    """Pseudo-label every image below ``images_dir``; returns the run's summary.
+
+    A rerun resumes: finished shards are kept. Outputs of other inputs or params in ``out_dir``
+    are refused, or replaced with ``restart_if_changed`` (what a DVC stage wants).
+    """
     names = validate_vocabulary(vocabulary)
     images_root = Path(images_dir)
     out = Path(out_dir)
@@ -234,10 +248,14 @@ def run_pseudolabel(
         raise InputError(f"worker {index}/{count}: expected 0 <= index < count")
 
     shards = plan_shards(paths, params.pseudolabel.images_per_shard)
-    _claim_output(out, _run_record(params, names, ids, image_labels is not None))
+    _claim_output(
+        out, _run_record(params, names, ids, image_labels is not None), restart_if_changed
+    )
     pending = [s for s in shards if s.index % count == index and not shard_done(out, s)]
     if pending:
-        _label_shards(pending, images_root, out, params, names, image_classes, backends, show_progress)
+        _label_shards(
+            pending, images_root, out, params, names, image_classes, backends, show_progress
+        )
 
     summary = summarise(out, len(shards))
     if summary["shards_done"] == len(shards):
@@ -271,7 +289,10 @@ def _label_shards(
             build_vision_language_model(params.models), build_segmenter(params.models)
         )
     text_embeddings = (
-        VocabularyEncoder(backends.clip, params.pseudolabel.templates).embed(list(names)).float().cpu()
+        VocabularyEncoder(backends.clip, params.pseudolabel.templates)
+        .embed(list(names))
+        .float()
+        .cpu()
     )
     total = sum(len(s.image_paths) for s in pending)
     with tqdm(total=total, unit="img", desc="pseudo-label", disable=not show_progress) as progress:
@@ -284,4 +305,3 @@ def _label_shards(
                 "sam": backends.sam.provenance.tag,
             }
             _write_shard(out, shard, rows, info)
-

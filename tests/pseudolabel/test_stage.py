@@ -79,10 +79,12 @@ def test_same_inputs_give_identical_outputs(scenes: Path, tmp_path: Path) -> Non
         assert label.read_bytes() == (tmp_path / "b-merged" / "labels" / label.name).read_bytes()
 
 
-def test_other_params_in_the_same_folder_are_refused(scenes: Path, tmp_path: Path) -> None:
+def test_other_params_in_the_same_folder_are_refused_or_replaced(scenes: Path, tmp_path: Path) -> None:
     run(scenes, tmp_path / "pl", limit=3)
     with pytest.raises(InputError, match="other images"):
         run(scenes, tmp_path / "pl")
+    summary = run(scenes, tmp_path / "pl", restart_if_changed=True)
+    assert summary["images"] == 7 and summary["shards_done"] == 3
 
 
 def test_unreadable_images_are_recorded_and_tolerated_up_to_the_limit(scenes: Path, tmp_path: Path) -> None:

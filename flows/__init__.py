@@ -1,0 +1,1 @@
+"""Prefect flows: the end-to-end pipeline, sharded pseudo-labelling, evaluation, promotion."""
