@@ -68,3 +68,20 @@ def test_saved_config_loads_back_identically(tmp_path: Path) -> None:
     params = load_params(None, ["models.encoder.overrides={depth: 2}", "models.device=cuda:1"])
     save_config(params, tmp_path / "out" / "config.yaml")
     assert load_params(tmp_path / "out" / "config.yaml") == params
+
+
+def test_shipped_params_files_are_valid_and_the_paper_refuses_random_weights() -> None:
+    from fmbseg.datasets.registry import list_datasets
+    from fmbseg.demo import DEMO_BUILDERS
+
+    root = Path(__file__).resolve().parents[1]
+    quickstart = load_params(root / "params.yaml")
+    paper = load_params(root / "configs" / "paper.yaml")
+    known = set(list_datasets()) | set(DEMO_BUILDERS)
+    for params in (quickstart, paper):
+        assert {params.data.train, *params.data.evaluate} <= known
+    roles = (paper.models.clip, paper.models.sam, paper.models.encoder)
+    assert not any(role.allow_random_init for role in roles)
+    assert (paper.models.clip.model, paper.models.sam.variant) == ("ViT-L-14", "vit_h")
+    assert paper.train.epochs == 10 and paper.train.batch_size == 5
+    assert len(paper.data.evaluate) == 7

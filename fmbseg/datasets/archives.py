@@ -4,6 +4,12 @@ Every member is vetted before a single byte is written: an absolute path, a ``..
 a symbolic or hard link, a device or a FIFO makes the whole archive refused. Extraction goes to
 a hidden folder beside the target that is renamed into place at the end, so the target either
 holds a complete extraction or does not exist, and a rerun that finds it does nothing.
+
+When only some member prefixes are wanted, each is renamed into the target on its own, so one
+that exists there is complete. Benchmarks that share an archive but need different parts of it
+(ADE20K's validation and training images) thus add their part to the same extraction later,
+from the same download. Prefixes of such benchmarks must not nest: a folder made as the parent
+of one prefix would pass for the other, complete.
 """
 
 from __future__ import annotations
@@ -102,11 +108,18 @@ def _extract_zip(archive: Path, into: Path, prefixes: Sequence[str]) -> None:
                 _write(source, into / path)
 
 
+def missing_members(target: str | Path, members: Sequence[str]) -> list[str]:
+    """The prefixes of ``members`` that are not extracted into ``target`` yet."""
+    return [prefix for prefix in members if not (Path(target) / prefix.rstrip("/")).exists()]
+
+
 def extract_archive(archive: str | Path, target: str | Path, members: Sequence[str] = ()) -> Path:
     """Extract ``archive`` (tar or zip) into ``target``, only the ``members`` path prefixes if
-    given; returns ``target``. Nothing happens when ``target`` already exists."""
+    given; returns ``target``. Only what ``target`` lacks is extracted: nothing when it holds
+    the whole archive or every prefix."""
     source, destination = Path(archive), Path(target)
-    if destination.is_dir():
+    wanted = missing_members(destination, members)
+    if destination.is_dir() and not wanted:
         return destination
     name = source.name.lower()
     if name.endswith(_ZIP_SUFFIXES):
@@ -119,12 +132,21 @@ def extract_archive(archive: str | Path, target: str | Path, members: Sequence[s
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        extract(source, partial, members)
-        os.replace(partial, destination)
+        extract(source, partial, wanted)
+        if not members:
+            os.replace(partial, destination)
+        for prefix in wanted:
+            _move_into_place(partial / prefix.rstrip("/"), destination / prefix.rstrip("/"))
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
-        shutil.rmtree(partial, ignore_errors=True)
         raise InputError(f"{source}: corrupt archive ({exc})") from None
-    except BaseException:
+    finally:
         shutil.rmtree(partial, ignore_errors=True)
-        raise
     return destination
+
+
+def _move_into_place(extracted: Path, destination: Path) -> None:
+    """One prefix, whole; a prefix that matched no member stays absent (the conversion says
+    what is missing)."""
+    if extracted.exists():
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(extracted, destination)

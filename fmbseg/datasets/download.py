@@ -6,12 +6,14 @@ Under ``root``::
     raw/<archive name>/...             the members the conversion needs, extracted safely
     <name>/images/<split>/<id>.<ext>   hard links to (or copies of) the official images
     <name>/masks/<split>/<id>.png      class indices after the dataset's label transform
+                                       (none for an unlabelled training split)
     <name>/classes.txt, dataset.json   dataset.json is written last and marks the stage done
 
 Downloads resume and are checked against a published checksum where one exists; the converted
 folder is built beside its final place and renamed into it, so it is complete or absent. A
-rerun on a finished dataset does nothing. Cityscapes needs a login: the stage says which files
-to fetch by hand and where to put them, then converts them.
+rerun on a finished dataset does nothing; one that needs other parts of an archive that another
+dataset extracted extracts just those, from the kept download. Cityscapes needs a login: the
+stage says which files to fetch by hand and where to put them, then converts them.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fmbseg.datasets.archives import archive_folder_name, extract_archive
+from fmbseg.datasets.archives import archive_folder_name, extract_archive, missing_members
 from fmbseg.datasets.folder import (
     CLASSES_FILE,
+    HAS_MASKS_KEY,
     IMAGES_DIR,
     MASK_SUFFIX,
     MASKS_DIR,
@@ -45,6 +48,12 @@ DOWNLOADS_DIR = "downloads"
 RAW_DIR = "raw"
 
 
+def _unextracted(archive: Archive, root: Path) -> bool:
+    """Whether ``archive`` has parts this dataset needs that are not in ``raw/`` yet."""
+    target = root / RAW_DIR / archive_folder_name(archive.filename)
+    return not target.is_dir() or bool(missing_members(target, archive.members))
+
+
 def _check_manual_archives(spec: DatasetSpec, root: Path, base_url: str | None) -> None:
     """Archives behind a login must be in ``downloads/`` already (unless a mirror is given)."""
     if base_url is not None:
@@ -53,7 +62,7 @@ def _check_manual_archives(spec: DatasetSpec, root: Path, base_url: str | None) 
         archive
         for archive in spec.archives
         if archive.url is None
-        and not (root / RAW_DIR / archive_folder_name(archive.filename)).is_dir()
+        and _unextracted(archive, root)
         and not (root / DOWNLOADS_DIR / archive.filename).is_file()
     ]
     if missing:
@@ -145,19 +154,22 @@ def _convert(
             disable=not show_progress,
         ):
             image = raw / layout.images / f"{key}{layout.image_suffix}"
-            mask = raw / layout.masks / f"{key}{layout.mask_suffix}"
             if not image.is_file():
                 raise InputError(f"{image}: image of {key!r} missing from the archive")
-            if not mask.is_file():
-                missing.append(key)
-                continue
-            write_mask(
-                partial / MASKS_DIR / layout.split / f"{key}{MASK_SUFFIX}", read_mask(mask, spec)
-            )
+            if layout.masks is not None:
+                mask = raw / layout.masks / f"{key}{layout.mask_suffix}"
+                if not mask.is_file():
+                    missing.append(key)
+                    continue
+                write_mask(
+                    partial / MASKS_DIR / layout.split / f"{key}{MASK_SUFFIX}",
+                    read_mask(mask, spec),
+                )
             _link_or_copy(image, partial / IMAGES_DIR / layout.split / f"{key}{image_ext}")
             converted += 1
         if converted == 0:
-            raise InputError(f"{raw / layout.images}: no annotated {layout.split} images found")
+            kind = "unlabelled" if layout.masks is None else "annotated"
+            raise InputError(f"{raw / layout.images}: no {kind} {layout.split} images found")
         if missing:
             log.warning(
                 "%s: %d images have no annotation and were left out (first: %s)",
@@ -165,16 +177,17 @@ def _convert(
                 len(missing),
                 missing[0],
             )
-        meta = {
+        meta: dict[str, Any] = {
             "name": spec.name,
             "display_name": spec.display_name,
             "ignore_index": spec.ignore_index,
             "background_index": spec.background_index,
             "splits": {layout.split: converted},
-            "label_transform": spec.label_transform.name,
+            HAS_MASKS_KEY: layout.masks is not None,
             "archives": [archive.filename for archive in spec.archives],
-            "missing_annotations": missing,
         }
+        if layout.masks is not None:
+            meta |= {"label_transform": spec.label_transform.name, "missing_annotations": missing}
         write_text_atomic(partial / CLASSES_FILE, "\n".join(spec.class_names) + "\n")
         write_text_atomic(partial / META_FILE, json.dumps(meta, indent=2) + "\n")
         os.replace(partial, root / spec.name)
@@ -211,10 +224,10 @@ def run_download(
         raise InputError(f"{spec.name}: has no download recipe (a folder dataset)")
     _check_manual_archives(spec, folder, base_url)
     for archive in spec.archives:
-        target = folder / RAW_DIR / archive_folder_name(archive.filename)
-        if target.is_dir():
+        if not _unextracted(archive, folder):
             continue
         file = _fetch(archive, folder, base_url)
+        target = folder / RAW_DIR / archive_folder_name(archive.filename)
         log.info("extracting %s -> %s", file, target)
         extract_archive(file, target, archive.members)
     meta = _convert(spec, spec.layout, folder, show_progress)

@@ -6,6 +6,9 @@
     root/dataset.json                            optional: {"ignore_index": 255,
                                                  "background_index": null, "name": "..."}
 
+An unlabelled training split has images, classes.txt (its vocabulary) and ``"has_masks": false``
+in dataset.json, no masks; Stage 1 pseudo-labels it, and evaluation refuses it.
+
 Masks hold class indices 0..N-1 and the ignore index; any other value is an error naming the
 file. The download stage writes exactly this layout, so one evaluation path serves everything.
 """
@@ -30,6 +33,7 @@ IMAGES_DIR = "images"
 MASKS_DIR = "masks"
 CLASSES_FILE = "classes.txt"
 META_FILE = "dataset.json"
+HAS_MASKS_KEY = "has_masks"
 MASK_SUFFIX = ".png"
 _LABEL_MODES = {"L", "P", "1", "I", "I;16", "I;16L", "I;16B"}
 
@@ -159,6 +163,11 @@ class FolderDataset:
 
     def __init__(self, root: str | Path, split: str | None = None) -> None:
         self.root = Path(root)
+        if _read_meta(self.root / META_FILE).get(HAS_MASKS_KEY) is False:
+            raise InputError(
+                f"{self.root}: has no masks: an unlabelled training set (images and a vocabulary "
+                "to pseudo-label); evaluate on a labelled split"
+            )
         self.spec = folder_spec(self.root)
         sub = Path(split) if split else Path()
         self.image_dir = self.root / IMAGES_DIR / sub

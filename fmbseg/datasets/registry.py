@@ -1,8 +1,18 @@
-"""The seven benchmarks of the evaluation protocol, one frozen spec each (in the spirit of timm).
+"""The seven benchmarks of the evaluation protocol, one frozen spec each (in the spirit of timm),
+and the unlabelled training splits that Stage 1 pseudo-labels.
 
 A spec says what the download stage fetches (official URLs, published checksums), which members
 of each archive it needs, where the evaluated split lies inside them, and how raw annotation
 values become class indices. Class names ship as UTF-8 files in ``classes/``.
+
+The training splits are images plus a vocabulary, no masks: the paper trains on COCO train2017
+pseudo-labelled with the 171 COCO-Stuff names, and fine-tunes per benchmark on its own training
+images with its own names. They share archives with the benchmarks where the files are the same
+(a second dataset of one archive extracts its own part from the kept download). Their splits are
+the official ones: VOC 2012 ``train.txt`` of the segmentation task (1,464 images; "trainaug" adds
+the unofficial SBD set), VOC 2010 ``Main/train.txt`` for PASCAL-Context (4,998 images; mmseg
+lists its train split with the Detail API instead, which may differ by a few images), ADE20K's
+20,210 and Cityscapes' 2,975 training images, COCO's 118,287.
 
 Sources: class names and label conversions follow TCL (github.com/kakaobrain/tcl, which
 evaluates with mmsegmentation 0.27): its own PascalVOCDataset20 and COCOObjectDataset (+ the
@@ -16,7 +26,7 @@ it is used and named, and an archive with none is downloaded unverified.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 from fmbseg.datasets import labels
@@ -40,10 +50,15 @@ class Archive:
     members: tuple[str, ...]
     manual_page: str | None = None
 
+    def with_members(self, *members: str) -> Archive:
+        """The same file for a dataset that needs other parts of it: the download is shared, and
+        each dataset extracts its own parts into the same folder."""
+        return replace(self, members=members)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class RawLayout:
-    """Where the evaluated split lies in the extracted archives, relative to ``<root>/raw``.
+    """Where the converted split lies in the extracted archives, relative to ``<root>/raw``.
 
     Each archive extracts to ``raw/<archive name without extension>/``. An image is
     ``images/<id><image_suffix>`` and its annotation ``masks/<id><mask_suffix>``; ids come from
@@ -52,9 +67,10 @@ class RawLayout:
 
     split: str
     images: str
-    masks: str
     image_suffix: str
-    mask_suffix: str
+    # None: an unlabelled training split; only its images (and the vocabulary) are converted.
+    masks: str | None = None
+    mask_suffix: str = ".png"
     id_list: str | None = None
 
 
@@ -105,7 +121,11 @@ _VOC2010 = Archive(
     url="http://host.robots.ox.ac.uk/pascal/VOC/voc2010/VOCtrainval_03-May-2010.tar",
     checksum="md5:da459979d0c395079b5c75ee67908abb",
     checksum_source="torchvision.datasets.VOCSegmentation (the VOC site publishes none)",
-    members=("VOCdevkit/VOC2010/JPEGImages/", "VOCdevkit/VOC2010/ImageSets/Main/val.txt"),
+    members=(
+        "VOCdevkit/VOC2010/JPEGImages/",
+        "VOCdevkit/VOC2010/ImageSets/Main/val.txt",
+        "VOCdevkit/VOC2010/ImageSets/Main/train.txt",
+    ),
 )
 _CONTEXT_MATS = Archive(
     filename="trainval.tar.gz",
@@ -120,6 +140,13 @@ _COCO_VAL_IMAGES = Archive(
     checksum="sha1:4950dc9d00dbe1c933ee0170f5797584351d2a41",
     checksum_source="GluonCV scripts/datasets/mscoco.py (cocodataset.org publishes none)",
     members=("val2017/",),
+)
+_COCO_TRAIN_IMAGES = Archive(
+    filename="train2017.zip",
+    url="http://images.cocodataset.org/zips/train2017.zip",
+    checksum="sha1:10ad623668ab00c62c096f0ed636d6aff41faca5",
+    checksum_source="GluonCV scripts/datasets/mscoco.py (cocodataset.org publishes none)",
+    members=("train2017/",),
 )
 _COCO_STUFF_MAPS = Archive(
     filename="stuffthingmaps_trainval2017.zip",
@@ -136,6 +163,14 @@ _COCO_VAL = RawLayout(
     mask_suffix=".png",
 )
 _CITYSCAPES_NOTE = "an md5 is shown on the login-only Cityscapes download page; not copied here"
+_CITYSCAPES_IMAGES = Archive(
+    filename="leftImg8bit_trainvaltest.zip",
+    url=None,
+    checksum=None,
+    checksum_source=_CITYSCAPES_NOTE,
+    members=("leftImg8bit/val/",),
+    manual_page="https://www.cityscapes-dataset.com/file-handling/?packageID=3",
+)
 _ADE = Archive(
     filename="ADEChallengeData2016.zip",
     url="http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
@@ -148,7 +183,7 @@ _ADE = Archive(
 )
 
 
-def _builtin_specs() -> list[DatasetSpec]:
+def _benchmark_specs() -> list[DatasetSpec]:
     names = read_packaged_class_names
     return [
         DatasetSpec(
@@ -236,14 +271,7 @@ def _builtin_specs() -> list[DatasetSpec]:
                     members=("gtFine/val/",),
                     manual_page="https://www.cityscapes-dataset.com/file-handling/?packageID=1",
                 ),
-                Archive(
-                    filename="leftImg8bit_trainvaltest.zip",
-                    url=None,
-                    checksum=None,
-                    checksum_source=_CITYSCAPES_NOTE,
-                    members=("leftImg8bit/val/",),
-                    manual_page="https://www.cityscapes-dataset.com/file-handling/?packageID=3",
-                ),
+                _CITYSCAPES_IMAGES,
             ),
             layout=RawLayout(
                 split="val",
@@ -275,7 +303,86 @@ def _builtin_specs() -> list[DatasetSpec]:
     ]
 
 
-_REGISTRY: dict[str, DatasetSpec] = {spec.name: spec for spec in _builtin_specs()}
+def _unlabelled(
+    name: str, display_name: str, vocabulary: str, archive: Archive, layout: RawLayout
+) -> DatasetSpec:
+    """A training split with no masks, named in the vocabulary of benchmark ``vocabulary``."""
+    class_names = read_packaged_class_names(vocabulary)
+    return DatasetSpec(
+        name=name,
+        display_name=display_name,
+        class_names=class_names,
+        ignore_index=IGNORE_INDEX,
+        background_index=None,
+        label_transform=labels.identity(len(class_names)),
+        archives=(archive,),
+        layout=layout,
+        conversion=f"images only (unlabelled), vocabulary of {vocabulary}",
+    )
+
+
+def _training_specs() -> list[DatasetSpec]:
+    return [
+        _unlabelled(
+            "coco_train2017",
+            "COCO train2017 images, unlabelled, COCO-Stuff 171-class vocabulary",
+            "coco_stuff",
+            _COCO_TRAIN_IMAGES,
+            RawLayout(split="train", images="train2017/train2017", image_suffix=".jpg"),
+        ),
+        _unlabelled(
+            "voc_train",
+            "PASCAL VOC 2012 segmentation train images, unlabelled, 20 object classes",
+            "voc20",
+            _VOC2012,
+            RawLayout(
+                split="train",
+                images="VOCtrainval_11-May-2012/VOCdevkit/VOC2012/JPEGImages",
+                image_suffix=".jpg",
+                id_list="VOCtrainval_11-May-2012/VOCdevkit/VOC2012/ImageSets/Segmentation/"
+                "train.txt",
+            ),
+        ),
+        _unlabelled(
+            "context_train",
+            "PASCAL Context train images (VOC 2010), unlabelled, 59 classes",
+            "context59",
+            _VOC2010,
+            RawLayout(
+                split="train",
+                images="VOCtrainval_03-May-2010/VOCdevkit/VOC2010/JPEGImages",
+                image_suffix=".jpg",
+                id_list="VOCtrainval_03-May-2010/VOCdevkit/VOC2010/ImageSets/Main/train.txt",
+            ),
+        ),
+        _unlabelled(
+            "cityscapes_train",
+            "Cityscapes train images, unlabelled, 19 classes",
+            "cityscapes",
+            _CITYSCAPES_IMAGES.with_members("leftImg8bit/train/"),
+            RawLayout(
+                split="train",
+                images="leftImg8bit_trainvaltest/leftImg8bit/train",
+                image_suffix="_leftImg8bit.png",
+            ),
+        ),
+        _unlabelled(
+            "ade20k_train",
+            "ADE20K (SceneParsing) training images, unlabelled, 150 classes",
+            "ade20k",
+            _ADE.with_members("ADEChallengeData2016/images/training/"),
+            RawLayout(
+                split="train",
+                images="ADEChallengeData2016/ADEChallengeData2016/images/training",
+                image_suffix=".jpg",
+            ),
+        ),
+    ]
+
+
+_REGISTRY: dict[str, DatasetSpec] = {
+    spec.name: spec for spec in [*_benchmark_specs(), *_training_specs()]
+}
 
 
 def register_dataset(spec: DatasetSpec, *, replace: bool = False) -> None:

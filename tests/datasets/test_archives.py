@@ -133,3 +133,18 @@ def test_archive_folder_names_drop_the_extension() -> None:
     assert archive_folder_name("val2017.zip") == "val2017"
     with pytest.raises(InputError, match="not a tar or zip"):
         archive_folder_name("labels.txt")
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".zip"])
+def test_other_member_prefixes_are_added_to_an_existing_extraction(tmp: Path, suffix: str) -> None:
+    members = [("top/val/a.txt", b"a"), ("top/train/b.txt", b"b"), ("top/train/sub/c.txt", b"c")]
+    make = make_zip if suffix == ".zip" else make_tar
+    archive = make(tmp / "archive" / f"data{suffix}", members)
+    target = extract_archive(archive, tmp / "data", ["top/val/"])
+    assert not (target / "top/train").exists()
+    extract_archive(archive, tmp / "data", ["top/train/"])
+    files = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    assert files == ["top/train/b.txt", "top/train/sub/c.txt", "top/val/a.txt"]
+    assert sorted(p.name for p in tmp.iterdir()) == ["archive", "data"]  # no partial left
+    archive.unlink()  # both parts are there: the archive is not opened again
+    assert extract_archive(archive, tmp / "data", ["top/val/", "top/train/"]) == target

@@ -1,5 +1,6 @@
 """The download stage end to end against a 127.0.0.1 server serving tiny archives that these
-tests build with the real folder structure of each official release."""
+tests build with the real folder structure of each official release: the benchmarks and the
+unlabelled training splits."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from fmbseg.datasets import FolderDataset, get_dataset_spec, register_dataset
+from fmbseg.datasets import FolderDataset, get_dataset_spec, list_datasets, register_dataset
 from fmbseg.datasets.download import run_download
 from fmbseg.errors import InputError
 from fmbseg.io.download import DownloadError
@@ -91,12 +92,18 @@ ADE_ZIP = zip_bytes(
 )
 CONTEXT_VOC_TAR = tar_bytes(
     {f"VOCdevkit/VOC2010/JPEGImages/{k}.jpg": jpg(3, 2) for k in ["2008_000002", "2008_000003"]}
+    | {"VOCdevkit/VOC2010/JPEGImages/2008_000008.jpg": jpg(3, 2)}
     | {"VOCdevkit/VOC2010/ImageSets/Main/val.txt": b"2008_000002\n2008_000003\n"}
+    | {"VOCdevkit/VOC2010/ImageSets/Main/train.txt": b"2008_000008\n"}
+    | {"VOCdevkit/VOC2010/ImageSets/Main/aeroplane_train.txt": b"2008_000008 -1\n"}
 )
 CONTEXT_MATS = tar_bytes(
     {"trainval/2008_000002.mat": mat([[0, 427, 454], [2, 1, 458]])}, gz=True
 )  # 2008_000003 has no annotation
 COCO_IMAGES = zip_bytes({f"val2017/{k}.jpg": jpg(3, 2) for k in ["000000000139", "000000000285"]})
+COCO_TRAIN_IMAGES = zip_bytes(
+    {f"train2017/{k}.jpg": jpg(3, 2) for k in ["000000000009", "000000000025"]}
+)
 COCO_MAPS = zip_bytes(
     {"val2017/000000000139.png": png([[0, 80, 91], [181, 255, 11]])}
     | {"val2017/000000000285.png": png([[21, 21, 21], [118, 118, 255]])}
@@ -119,6 +126,7 @@ ARCHIVES = {
     "VOCtrainval_03-May-2010.tar": CONTEXT_VOC_TAR,
     "trainval.tar.gz": CONTEXT_MATS,
     "val2017.zip": COCO_IMAGES,
+    "train2017.zip": COCO_TRAIN_IMAGES,
     "stuffthingmaps_trainval2017.zip": COCO_MAPS,
     "gtFine_trainvaltest.zip": CITY_LABELS,
     "leftImg8bit_trainvaltest.zip": CITY_IMAGES,
@@ -172,8 +180,7 @@ def mirror(monkeypatch: pytest.MonkeyPatch) -> Iterator[Mirror]:
 def checksums_of_test_archives() -> Iterator[Callable[..., None]]:
     """Point the specs' checksums at the test archives' bytes (same algorithm as the real one,
     or sha256 where none is published); restores the real specs afterwards."""
-    originals = {name: get_dataset_spec(name) for name in ["voc20", "voc21", "ade20k", "context59",
-                                                           "coco_stuff", "coco_object"]}  # fmt: skip
+    originals = {name: get_dataset_spec(name) for name in list_datasets()}
 
     def use(content: dict[str, bytes] | None = None) -> None:
         content = {**ARCHIVES, **(content or {})}
@@ -349,7 +356,7 @@ def test_offline_failure_says_where_to_put_the_file(
 
 
 def test_unknown_dataset_name_lists_the_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="unknown dataset 'pascal' .known: ade20k, cityscapes"):
+    with pytest.raises(InputError, match="unknown dataset 'pascal' .known: ade20k, ade20k_train, "):
         run_download("pascal", tmp_path)
 
 
@@ -357,3 +364,88 @@ def test_an_unfinished_output_folder_is_not_overwritten(tmp_path: Path) -> None:
     (tmp_path / "ade20k").mkdir()
     with pytest.raises(InputError, match="ade20k: exists but is not a finished conversion"):
         run_download("ade20k", tmp_path, show_progress=False)
+
+
+TRAINING_SPLITS = {
+    "coco_train2017": ("coco_stuff", ["000000000009.jpg", "000000000025.jpg"]),
+    "voc_train": ("voc20", ["2007_000039.jpg"]),
+    "context_train": ("context59", ["2008_000008.jpg"]),
+    "ade20k_train": ("ade20k", ["ADE_train_00000001.jpg"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRAINING_SPLITS))
+@pytest.mark.usefixtures("checksums_of_test_archives")
+def test_a_training_split_is_images_and_the_vocabulary_without_masks(
+    mirror: Mirror, tmp_path: Path, name: str
+) -> None:
+    vocabulary, images = TRAINING_SPLITS[name]
+    summary = run_download(name, tmp_path, base_url=mirror.url, show_progress=False)
+    out = tmp_path / name
+    assert tree(out) == ["classes.txt", "dataset.json", *(f"images/train/{i}" for i in images)]
+    assert (out / f"images/train/{images[0]}").read_bytes() == jpg(3, 2)
+    classes = (out / "classes.txt").read_text(encoding="utf-8").splitlines()
+    assert tuple(classes) == get_dataset_spec(vocabulary).class_names
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["splits"] == summary["splits"] == {"train": len(images)}
+    assert meta["has_masks"] is False and "label_transform" not in meta
+    with pytest.raises(InputError, match="has no masks: an unlabelled training set"):
+        FolderDataset(out, split="train")
+
+
+@pytest.mark.parametrize("order", [("ade20k", "ade20k_train"), ("ade20k_train", "ade20k")])
+@pytest.mark.usefixtures("checksums_of_test_archives")
+def test_ade20k_and_its_training_split_share_one_download(
+    mirror: Mirror, tmp_path: Path, order: tuple[str, str]
+) -> None:
+    raw = tmp_path / "raw/ADEChallengeData2016/ADEChallengeData2016"
+    run_download(order[0], tmp_path, base_url=mirror.url, show_progress=False)
+    assert (raw / "images/training").exists() == (order[0] == "ade20k_train")
+    run_download(order[1], tmp_path, base_url=mirror.url, show_progress=False)
+    assert mirror.requests == [("ADEChallengeData2016.zip", None)]
+    assert tree(tmp_path / "ade20k") == [
+        "classes.txt", "dataset.json",
+        "images/val/ADE_val_00000001.jpg", "masks/val/ADE_val_00000001.png",
+    ]  # fmt: skip
+    assert tree(tmp_path / "ade20k_train/images") == ["train/ADE_train_00000001.jpg"]
+    assert tree(raw) == [
+        "annotations/validation/ADE_val_00000001.png",
+        "images/training/ADE_train_00000001.jpg",
+        "images/validation/ADE_val_00000001.jpg",
+    ]
+
+
+@pytest.mark.parametrize(("benchmark", "training"), [("voc20", "voc_train"),
+                                                      ("context59", "context_train")])  # fmt: skip
+@pytest.mark.usefixtures("checksums_of_test_archives")
+def test_voc_training_splits_need_nothing_beyond_the_benchmarks_extraction(
+    mirror: Mirror, tmp_path: Path, benchmark: str, training: str
+) -> None:
+    run_download(benchmark, tmp_path, base_url=mirror.url, show_progress=False)
+    requests = len(mirror.requests)
+    shutil.rmtree(tmp_path / "downloads")
+    run_download(training, tmp_path, base_url=mirror.url, show_progress=False)
+    assert len(mirror.requests) == requests
+    assert (tmp_path / training / "dataset.json").is_file()
+
+
+def test_cityscapes_training_images_come_from_the_same_manual_download(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as error:
+        run_download("cityscapes_train", tmp_path, show_progress=False)
+    message = str(error.value)
+    assert "download leftImg8bit_trainvaltest.zip (from " in message
+    assert "gtFine" not in message  # the labels are not needed
+
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads/gtFine_trainvaltest.zip").write_bytes(CITY_LABELS)
+    (tmp_path / "downloads/leftImg8bit_trainvaltest.zip").write_bytes(CITY_IMAGES)
+    run_download("cityscapes", tmp_path, show_progress=False)
+    summary = run_download("cityscapes_train", tmp_path, show_progress=False)
+    assert summary["splits"] == {"train": 1}
+    assert tree(tmp_path / "cityscapes_train/images") == ["train/aachen/aachen_000000_000019.png"]
+
+    shutil.rmtree(tmp_path / "cityscapes_train")
+    shutil.rmtree(tmp_path / "raw/leftImg8bit_trainvaltest/leftImg8bit/train")
+    (tmp_path / "downloads/leftImg8bit_trainvaltest.zip").unlink()
+    with pytest.raises(InputError, match="download leftImg8bit_trainvaltest.zip"):
+        run_download("cityscapes_train", tmp_path, show_progress=False)

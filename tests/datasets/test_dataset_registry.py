@@ -1,10 +1,14 @@
-"""The benchmark registry: names, class lists shipped with the package, specs' invariants."""
+"""The benchmark registry: names, class lists shipped with the package, specs' invariants, and
+the unlabelled training splits beside the benchmarks."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import PurePosixPath
+
 import pytest
 
-from fmbseg.datasets import coco_stuff_stuff_names, get_dataset_spec, list_datasets
+from fmbseg.datasets import Archive, coco_stuff_stuff_names, get_dataset_spec, list_datasets
 from fmbseg.errors import InputError
 
 EXPECTED_CLASSES = {
@@ -16,10 +20,46 @@ EXPECTED_CLASSES = {
     "cityscapes": 19,
     "ade20k": 150,
 }
+# training split -> the benchmark whose vocabulary it is pseudo-labelled with
+TRAINING_SPLITS = {
+    "coco_train2017": "coco_stuff",
+    "voc_train": "voc20",
+    "context_train": "context59",
+    "cityscapes_train": "cityscapes",
+    "ade20k_train": "ade20k",
+}
 
 
-def test_the_seven_benchmarks_are_registered() -> None:
-    assert list_datasets() == sorted(EXPECTED_CLASSES)
+def test_the_seven_benchmarks_and_five_training_splits_are_registered() -> None:
+    assert list_datasets() == sorted([*EXPECTED_CLASSES, *TRAINING_SPLITS])
+
+
+def test_training_splits_have_no_masks_and_their_benchmarks_vocabulary() -> None:
+    for name, benchmark in TRAINING_SPLITS.items():
+        spec = get_dataset_spec(name)
+        assert spec.layout is not None and spec.layout.masks is None
+        assert spec.layout.split == "train"
+        assert spec.class_names == get_dataset_spec(benchmark).class_names
+        assert spec.background_index is None
+    for name in EXPECTED_CLASSES:
+        layout = get_dataset_spec(name).layout
+        assert layout is not None and layout.masks is not None
+
+
+def test_specs_sharing_an_archive_agree_on_it_and_need_disjoint_parts() -> None:
+    """Same file, same source and checksum; and no member prefix nested in another's, which
+    would make a parent folder pass for an extracted part."""
+    by_file: dict[str, list[Archive]] = {}
+    for name in list_datasets():
+        for archive in get_dataset_spec(name).archives:
+            by_file.setdefault(archive.filename, []).append(archive)
+    assert len(by_file["ADEChallengeData2016.zip"]) == 2  # ade20k and ade20k_train
+    for archives in by_file.values():
+        first = archives[0]
+        assert all(dataclasses.replace(a, members=first.members) == first for a in archives)
+        prefixes = {PurePosixPath(p) for archive in archives for p in archive.members}
+        for a in prefixes:
+            assert not any(a != b and a in b.parents for b in prefixes), (first.filename, a)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_CLASSES))
@@ -65,14 +105,14 @@ def test_pascal_context_classes_are_mmseg_alphabetical_order() -> None:
 def test_only_cityscapes_needs_a_manual_download() -> None:
     manual = {
         name
-        for name in EXPECTED_CLASSES
+        for name in list_datasets()
         if any(a.url is None for a in get_dataset_spec(name).archives)
     }
-    assert manual == {"cityscapes"}
+    assert manual == {"cityscapes", "cityscapes_train"}
 
 
 def test_checksums_name_an_algorithm_and_a_source() -> None:
-    for name in EXPECTED_CLASSES:
+    for name in list_datasets():
         for archive in get_dataset_spec(name).archives:
             assert archive.checksum_source
             if archive.checksum is not None:

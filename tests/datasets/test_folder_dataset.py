@@ -99,7 +99,11 @@ def test_bad_dataset_json_is_refused(root: Path, meta: dict, message: str) -> No
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("sky\n\nroad\n", "line 2 is blank"), ("sky\nsky\n", "duplicate class name"), ("", "no class names given")],
+    [
+        ("sky\n\nroad\n", "line 2 is blank"),
+        ("sky\nsky\n", "duplicate class name"),
+        ("", "no class names given"),
+    ],
 )
 def test_bad_class_lists_are_refused(root: Path, text: str, message: str) -> None:
     (root / "classes.txt").write_text(text)
@@ -139,3 +143,14 @@ def test_more_than_255_classes_round_trip_through_16_bit_pngs(tmp_path: Path) ->
     labels = np.array([[0, 255, 399], [300, 65535, 1]])
     write_mask(tmp_path / "m.png", labels)
     assert read_mask(tmp_path / "m.png", folder_spec(tmp_path)).tolist() == labels.tolist()
+
+
+def test_an_unlabelled_training_set_is_refused_for_evaluation(tmp_path: Path) -> None:
+    (tmp_path / "classes.txt").write_text("sky\ntree\n")
+    (tmp_path / "dataset.json").write_text(json.dumps({"has_masks": False}))
+    put_image(tmp_path / "images" / "train" / "a.jpg")
+    with pytest.raises(InputError) as error:
+        FolderDataset(tmp_path, split="train")
+    assert str(error.value).startswith(f"{tmp_path}: has no masks: an unlabelled training set")
+    assert "\n" not in str(error.value)
+    assert folder_spec(tmp_path).class_names == ("sky", "tree")  # its vocabulary still reads
