@@ -48,3 +48,13 @@ def test_worker_must_be_index_of_count(text: str) -> None:
     with pytest.raises(InputError, match="expected I/N"):
         parse_worker(text)
     assert parse_worker("1/3") == (1, 3)
+
+
+def test_evaluate_names_unknown_and_missing_datasets(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "fmbseg.cli", "evaluate", "--out", "eval", "--dataset"]
+    unknown = subprocess.run([*command, "nope"], capture_output=True, text=True, cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert "unknown dataset 'nope' (known: ade20k" in unknown.stderr and "demo_voc" in unknown.stderr
+    missing = subprocess.run([*command, "voc21"], capture_output=True, text=True, cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "not downloaded yet; run: fmbseg download voc21" in missing.stderr
