@@ -41,6 +41,14 @@ class Command:
     arguments: Callable[[argparse.ArgumentParser], None] = _params_arguments
 
 
+def _restart_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--restart-if-changed",
+        action="store_true",
+        help="replace outputs made with other inputs or params instead of refusing",
+    )
+
+
 def _pseudolabel_arguments(parser: argparse.ArgumentParser) -> None:
     _params_arguments(parser)
     parser.add_argument("--images", required=True, help="folder of unlabelled images")
@@ -53,11 +61,7 @@ def _pseudolabel_arguments(parser: argparse.ArgumentParser) -> None:
         help="JSON {image_id: [class, ...]}: semi-supervised variant",
     )
     parser.add_argument("--worker", default="0/1", help="I/N: process every N-th shard from I")
-    parser.add_argument(
-        "--restart-if-changed",
-        action="store_true",
-        help="replace outputs made with other inputs or params instead of refusing",
-    )
+    _restart_argument(parser)
 
 
 def _merge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,12 +76,14 @@ def _features_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", required=True, help="a finished merge folder (label maps)")
     parser.add_argument("--out", required=True, help="output folder for feature shards")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    _restart_argument(parser)
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _params_arguments(parser)
     parser.add_argument("--features", required=True, help="a finished feature cache")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, module)")
+    _restart_argument(parser)
 
 
 def _download_arguments(parser: argparse.ArgumentParser) -> None:

@@ -131,7 +131,14 @@ def cache_features(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     out = Path(args.out)
     with _tracked("features", params, [args.images, args.labels]) as run:
-        summary = run_cache_features(params, args.images, args.labels, out, limit=args.limit)
+        summary = run_cache_features(
+            params,
+            args.images,
+            args.labels,
+            out,
+            limit=args.limit,
+            restart_if_changed=args.restart_if_changed,
+        )
         summary["provenance"] = {"encoder": summary["encoder"]["tag"]}
         _record(run, summary)
         _gate(run, check_features(out, params.gates), out / "gates")
@@ -149,7 +156,13 @@ def train(args: argparse.Namespace) -> int:
         def log_epoch(record: dict[str, Any]) -> None:
             run.log_metrics(_numbers(record), step=int(record["epoch"]))
 
-        metrics = run_train(params, args.features, out, on_epoch=log_epoch)
+        metrics = run_train(
+            params,
+            args.features,
+            out,
+            on_epoch=log_epoch,
+            restart_if_changed=args.restart_if_changed,
+        )
         _record(run, metrics, [out / "metrics.json", out / "loss.csv", out / "module.json"])
     _print(metrics)
     return 0

@@ -18,7 +18,8 @@ covers at least ``features.min_label_fraction`` of the patch's pixels, else -1 (
 
 Output folder::
 
-    run.json                  fingerprint: params, vocabulary, label run, image list
+    run.json                  fingerprint: params, vocabulary, label run, bytes of every image
+                              and label map
     shards/NNNNN.safetensors  features (n, h, w, C) float16; labels (n, h, w) int16 (int32 for
                               vocabularies over 32767 classes), -1 = ignored
     shards/NNNNN.json         image ids, shapes, sha256 of the .safetensors, encoder provenance,
@@ -34,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -133,19 +135,56 @@ def _marker(out: Path, shard_name: str) -> Path:
     return out / SHARD_DIR / f"{shard_name}.json"
 
 
-def _claim_output(out: Path, record: dict[str, Any]) -> None:
-    """Start or resume a cache; refuse to mix shards made from other inputs or params."""
+def _claim_output(out: Path, record: dict[str, Any], restart_if_changed: bool) -> bool:
+    """Whether ``out`` holds this very cache (to resume). Shards of other inputs or params, or
+    of an unknown cache (no ``run.json``), are never mixed in: the folder is refused, or with
+    ``restart_if_changed`` (what a persisted DVC output needs) emptied. Writes nothing else, so
+    a run that fails on its encoder next leaves no trace."""
     run_file = out / RUN_FILE
     if run_file.is_file():
         previous = json.loads(run_file.read_text(encoding="utf-8"))
-        if previous != record:
-            changed = sorted(key for key in record if previous.get(key) != record[key])
-            raise InputError(
-                f"{out}: holds features made with other {', '.join(changed)}; "
-                "delete the folder (or choose another) to start over"
-            )
-        return
-    write_text_atomic(run_file, json.dumps(record, indent=2, ensure_ascii=False))
+        if previous == record:
+            _remove_leftovers(out)
+            return True
+        changed = ", ".join(sorted(key for key in record if previous.get(key) != record[key]))
+        holds = f"features made with other {changed}"
+    elif (out / SHARD_DIR).is_dir():
+        holds = f"feature shards of an unknown cache ({RUN_FILE} missing)"
+    else:
+        _remove_leftovers(out)  # of a first start killed while writing run.json
+        return False
+    if not restart_if_changed:
+        raise InputError(
+            f"{out}: holds {holds}; delete the folder (or choose another, or pass "
+            "--restart-if-changed) to start over"
+        )
+    log.warning("%s: holds %s; starting over", out, holds)
+    shutil.rmtree(out)
+    return False
+
+
+def remove_partial_writes(folder: Path, names: Sequence[str] = ("*",)) -> None:
+    """Delete the temporary files (``.<name>.<random>.tmp``) that atomic writes of ``names``
+    in ``folder`` left when a kill cut them short: never read, but DVC would store them with
+    the output. Only for files this process owns."""
+    for name in names:
+        for leftover in folder.glob(f".{name}.*.tmp"):
+            leftover.unlink()
+
+
+def _remove_leftovers(out: Path) -> None:
+    remove_partial_writes(out, (RUN_FILE, INDEX_FILE))
+    remove_partial_writes(out / SHARD_DIR)
+
+
+def _inputs_sha256(keys: Sequence[str], paths: dict[str, Path], labels_root: Path) -> str:
+    """Digest of every image's and label map's bytes: a resumed cache must not keep shards of
+    images that were replaced under the same names (DVC reruns the stage, the ids stay)."""
+    digest = hashlib.sha256()
+    for key in keys:
+        image, labels = sha256_file(paths[key]), sha256_file(label_map_path(labels_root, key))
+        digest.update(f"{key}\t{image}\t{labels}\n".encode())
+    return digest.hexdigest()
 
 
 class _ShardWriter:
@@ -290,11 +329,16 @@ def run_cache_features(
     encoder: PatchEncoder | None = None,
     limit: int | None = None,
     show_progress: bool = True,
+    restart_if_changed: bool = False,
 ) -> dict[str, Any]:
     """Cache features and patch labels of every labelled image; resumable per shard.
 
     ``labels_dir`` is a merge folder (``run.json`` + ``labels/``). Returns the index's summary.
+    A cache of other inputs or params in ``out_dir`` is refused, or replaced with
+    ``restart_if_changed``.
     """
+    from tqdm import tqdm
+
     images_root, labels_root, out = Path(images_dir), Path(labels_dir), Path(out_dir)
     vocabulary = read_merge_vocabulary(labels_root)
     paths = {image_id(path, images_root): path for path in list_images(images_root)}
@@ -322,32 +366,30 @@ def run_cache_features(
     record = {
         "features": params.features.model_dump(mode="json"),
         "encoder": params.models.encoder.model_dump(mode="json"),
+        "precision": params.models.precision,
         "vocabulary": list(vocabulary),
         "labels_run_sha256": sha256_file(labels_root / RUN_FILE),
         "images": len(labelled),
-        "images_sha256": hashlib.sha256("\n".join(labelled).encode()).hexdigest(),
+        "inputs_sha256": _inputs_sha256(labelled, paths, labels_root),
     }
-    _claim_output(out, record)
+    resuming = _claim_output(out, record, restart_if_changed)
     pending = [shard for shard in shards if not _marker(out, shard.name).is_file()]
     if pending:
-        _cache_shards(
-            params, pending, labels_root, paths, out, len(vocabulary), encoder, show_progress
-        )
+        encoder = _ready_encoder(params, encoder)
+        if not resuming:  # the encoder loaded: only now does the cache leave files
+            write_text_atomic(out / RUN_FILE, json.dumps(record, indent=2, ensure_ascii=False))
+        writer = _ShardWriter(params, encoder, labels_root, paths, len(vocabulary))
+        total = sum(len(shard.image_ids) for shard in pending)
+        with tqdm(
+            total=total, unit="img", desc="cache features", disable=not show_progress
+        ) as progress:
+            for shard in pending:
+                writer.write(out, shard, progress)
     return _write_index(out, shards, vocabulary, params, without_labels)
 
 
-def _cache_shards(
-    params: Params,
-    pending: Sequence[_Shard],
-    labels_root: Path,
-    paths: dict[str, Path],
-    out: Path,
-    num_classes: int,
-    encoder: PatchEncoder | None,
-    show_progress: bool,
-) -> None:
-    from tqdm import tqdm
-
+def _ready_encoder(params: Params, encoder: PatchEncoder | None) -> PatchEncoder:
+    """The given encoder, or the configured one built (its weights found and loaded)."""
     from fmbseg.models.registry import build_patch_encoder
 
     if encoder is None:
@@ -358,13 +400,7 @@ def _cache_shards(
             f"features.image_size={size} is not a multiple of the encoder's patch size "
             f"{encoder.patch_size}"
         )
-    writer = _ShardWriter(params, encoder, labels_root, paths, num_classes)
-    total = sum(len(shard.image_ids) for shard in pending)
-    with tqdm(
-        total=total, unit="img", desc="cache features", disable=not show_progress
-    ) as progress:
-        for shard in pending:
-            writer.write(out, shard, progress)
+    return encoder
 
 
 def _write_index(

@@ -3,7 +3,8 @@
 Output folder::
 
     run.json                           fingerprint: train params, templates, CLIP config, feature
-                                       cache content, init_from file; a rerun with others is refused
+                                       cache content, init_from file; a rerun with others is
+                                       refused (or, asked to, started afresh)
     text_embeddings.safetensors        (K, D) text embeddings of the training vocabulary
     checkpoints/epoch_NNN.safetensors  module weights, SGD momentum, every step's loss so far
     checkpoints/latest.json            epoch, step, optimiser and scheduler state, sha256 of the
@@ -24,6 +25,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,9 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from fmbseg.align.features import IGNORE_PATCH, FeatureShards
+from fmbseg.align.features import IGNORE_PATCH, FeatureShards, remove_partial_writes
 from fmbseg.align.loss import get_loss
-from fmbseg.align.module import AlignmentModule, ModuleSpec, load_module, save_module
+from fmbseg.align.module import (
+    AlignmentModule,
+    ModuleSpec,
+    architecture_path,
+    load_module,
+    save_module,
+)
 from fmbseg.config import Params
 from fmbseg.errors import ConfigError, FmbsegError, InputError, WeightsError
 from fmbseg.io.atomic import atomic_write, sha256_file, write_text_atomic
@@ -86,19 +94,23 @@ def epoch_batches(
         yield torch.stack(features), torch.stack(labels)
 
 
-def compute_text_embeddings(
-    path: Path, vocabulary: tuple[str, ...], params: Params, clip: VisionLanguageModel | None
-) -> torch.Tensor:
-    """(K, D) text embeddings of ``vocabulary``, computed once per run and stored at ``path``."""
+def stored_text_embeddings(path: Path, vocabulary: tuple[str, ...]) -> torch.Tensor | None:
+    """The (K, D) text embeddings a run stored at ``path``, None when it has not stored them."""
     from safetensors import safe_open
-    from safetensors.torch import save
 
-    if path.is_file():
-        with safe_open(path, "pt") as handle:
-            stored = json.loads((handle.metadata() or {}).get("vocabulary", "null"))
-            if stored == list(vocabulary):
-                return handle.get_tensor("text_embeddings")
-        raise InputError(f"{path}: text embeddings of another vocabulary; delete the file")
+    if not path.is_file():
+        return None
+    with safe_open(path, "pt") as handle:
+        stored = json.loads((handle.metadata() or {}).get("vocabulary", "null"))
+        if stored == list(vocabulary):
+            return handle.get_tensor("text_embeddings")
+    raise InputError(f"{path}: text embeddings of another vocabulary; delete the file")
+
+
+def encode_text_embeddings(
+    vocabulary: tuple[str, ...], params: Params, clip: VisionLanguageModel | None
+) -> tuple[torch.Tensor, dict[str, str]]:
+    """(K, D) text embeddings of ``vocabulary`` and the metadata to store them with."""
     from fmbseg.models.registry import build_vision_language_model
     from fmbseg.models.vocabulary import VocabularyEncoder
 
@@ -106,30 +118,54 @@ def compute_text_embeddings(
         clip = build_vision_language_model(params.models)
     with torch.no_grad():
         embeddings = VocabularyEncoder(clip, params.pseudolabel.templates).embed(vocabulary)
-    embeddings = embeddings.detach().to("cpu", torch.float32).contiguous()
     metadata = {
         "vocabulary": json.dumps(list(vocabulary), ensure_ascii=False),
         "templates": json.dumps(list(params.pseudolabel.templates), ensure_ascii=False),
         "clip": clip.provenance.model,
         "clip_weights": clip.provenance.tag,
     }
+    return embeddings.detach().to("cpu", torch.float32).contiguous(), metadata
+
+
+def save_text_embeddings(path: Path, embeddings: torch.Tensor, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save
+
     with atomic_write(path) as handle:
         handle.write(save({"text_embeddings": embeddings}, metadata))
-    return embeddings
 
 
-def _claim_output(out: Path, record: dict[str, Any]) -> None:
+def _remove_leftovers(out: Path) -> None:
+    module_files = (MODULE_FILE, architecture_path(out / MODULE_FILE).name)
+    remove_partial_writes(out, (RUN_FILE, TEXT_FILE, LOSS_FILE, METRICS_FILE, *module_files))
+    remove_partial_writes(out / CHECKPOINT_DIR)
+
+
+def _claim_output(out: Path, record: dict[str, Any], restart_if_changed: bool) -> bool:
+    """Whether ``out`` holds this very run (to resume). Checkpoints of other params or inputs,
+    or of an unknown run (no ``run.json``), are never resumed: the folder is refused, or with
+    ``restart_if_changed`` (what a persisted DVC output needs) emptied. Writes nothing else,
+    so a run that fails on its inputs next leaves no trace."""
     run_file = out / RUN_FILE
     if run_file.is_file():
         previous = json.loads(run_file.read_text(encoding="utf-8"))
-        if previous != record:
-            changed = sorted(key for key in record if previous.get(key) != record[key])
-            raise InputError(
-                f"{out}: holds a training run with other {', '.join(changed)}; "
-                "delete the folder (or choose another) to start over"
-            )
-        return
-    write_text_atomic(run_file, json.dumps(record, indent=2, ensure_ascii=False))
+        if previous == record:
+            _remove_leftovers(out)
+            return True
+        changed = sorted(key for key in record if previous.get(key) != record[key])
+        holds = f"a training run with other {', '.join(changed)}"
+    elif (out / CHECKPOINT_DIR / LATEST_FILE).is_file():
+        holds = f"checkpoints of an unknown training run ({RUN_FILE} missing)"
+    else:
+        _remove_leftovers(out)  # of a first start killed while writing run.json
+        return False
+    if not restart_if_changed:
+        raise InputError(
+            f"{out}: holds {holds}; delete the folder (or choose another, or pass "
+            "--restart-if-changed) to start over"
+        )
+    log.warning("%s: holds %s; starting over", out, holds)
+    shutil.rmtree(out)
+    return False
 
 
 def _initial_module(params: Params, spec: ModuleSpec, shards: FeatureShards) -> AlignmentModule:
@@ -205,6 +241,9 @@ class Checkpoints:
         file = self.folder / record["tensors"]
         if not file.is_file() or sha256_file(file) != record["sha256"]:
             raise InputError(f"{file}: checkpoint missing or its sha256 differs from {latest}")
+        for old in self.folder.glob("epoch_*.safetensors"):  # a kill can precede their removal
+            if old != file:
+                old.unlink()
         tensors = load_file(file)
         module.load_state_dict(
             {k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")}
@@ -229,11 +268,13 @@ def run_train(
     clip: VisionLanguageModel | None = None,
     show_progress: bool = True,
     on_epoch: EpochCallback | None = None,
+    restart_if_changed: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume training) the alignment module; returns the metrics.
 
     ``on_epoch`` is called after each epoch's checkpoint with that epoch's record (epoch, steps,
-    mean loss, learning rate), e.g. to log it to an experiment tracker.
+    mean loss, learning rate), e.g. to log it to an experiment tracker. A run of other params or
+    inputs in ``out_dir`` is refused, or replaced with ``restart_if_changed``.
     """
     out = Path(out_dir)
     train = params.train
@@ -247,21 +288,28 @@ def run_train(
         if not Path(train.init_from).is_file():
             raise WeightsError(f"{train.init_from}: train.init_from module not found")
         init_sha = sha256_file(train.init_from)
-    _claim_output(
-        out,
-        {
-            "train": train.model_dump(mode="json"),
-            "templates": list(params.pseudolabel.templates),
-            "clip": params.models.clip.model_dump(mode="json"),
-            "features_sha256": shards.content_sha256,
-            "init_from_sha256": init_sha,
-        },
-    )
+    record = {
+        "train": train.model_dump(mode="json"),
+        "templates": list(params.pseudolabel.templates),
+        "clip": params.models.clip.model_dump(mode="json"),
+        "features_sha256": shards.content_sha256,
+        "init_from_sha256": init_sha,
+    }
+    resuming = _claim_output(out, record, restart_if_changed)
     device = Runtime.from_config(params.models).torch_device()
-    text = compute_text_embeddings(out / TEXT_FILE, shards.vocabulary, params, clip).to(device)
+    text = stored_text_embeddings(out / TEXT_FILE, shards.vocabulary) if resuming else None
+    text_metadata = None
+    if text is None:
+        text, text_metadata = encode_text_embeddings(shards.vocabulary, params, clip)
     spec = ModuleSpec(shards.dim, text.shape[1], train.depth, train.heads, train.mlp_ratio)
     with deterministic():
         module = _initial_module(params, spec, shards).to(device)
+        # Inputs and weights are usable: only now does the run leave files (run.json first).
+        if not resuming:
+            write_text_atomic(out / RUN_FILE, json.dumps(record, indent=2, ensure_ascii=False))
+        if text_metadata is not None:
+            save_text_embeddings(out / TEXT_FILE, text, text_metadata)
+        text = text.to(device)
         metrics = _fit(params, shards, module, text, out, device, show_progress, on_epoch)
     save_module(
         module,
