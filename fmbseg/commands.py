@@ -39,7 +39,8 @@ def promote(args: argparse.Namespace) -> int:
 
 
 def lineage(args: argparse.Namespace) -> int:
-    from fmbseg.lineage import format_lineage, lineage as model_lineage
+    from fmbseg.lineage import format_lineage
+    from fmbseg.lineage import lineage as model_lineage
 
     print(format_lineage(model_lineage(args.model)))
     return 0

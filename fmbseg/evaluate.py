@@ -25,6 +25,7 @@ from fmbseg.datasets.folder import FolderDataset
 from fmbseg.errors import InputError
 from fmbseg.evaluation.metrics import ConfusionMatrix
 from fmbseg.io.atomic import write_text_atomic
+from fmbseg.io.runs import RUN_FILE
 from fmbseg.masks import IGNORE_LABEL
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def _background_rule(params: Params, index: int | None):  # noqa: ANN202 (Backgr
 def _pseudolabel_predictor(merged_dir: Path, class_names: tuple[str, ...], background: int | None):
     from fmbseg.pseudolabel.merge import label_map_path, read_label_map
 
-    run = json.loads((merged_dir / "run.json").read_text(encoding="utf-8"))
+    run = json.loads((merged_dir / RUN_FILE).read_text(encoding="utf-8"))
     vocabulary = tuple(run["pseudolabel_run"]["vocabulary"])
     if vocabulary != class_names:
         raise InputError(

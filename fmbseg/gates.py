@@ -332,7 +332,8 @@ def _pseudolabel_tables(
     import pyarrow.parquet as pq
 
     from fmbseg.pseudolabel.merge import label_map_path
-    from fmbseg.pseudolabel.stage import RUN_FILE, SHARD_DIR, SUMMARY_FILE
+    from fmbseg.io.runs import RUN_FILE
+    from fmbseg.pseudolabel.stage import SHARD_DIR, SUMMARY_FILE
 
     if not (pseudo_dir / SUMMARY_FILE).is_file():
         raise InputError(f"{pseudo_dir}: no finished pseudo-label run ({SUMMARY_FILE} missing)")

@@ -245,6 +245,20 @@ class PipelineParent:
     owned: bool  # created here for a dvc process, so stage outcomes set its status
 
 
+@contextlib.contextmanager
+def _store_creation_lock() -> Iterator[None]:
+    """Serialise the first use of a SQLite store: two processes creating its tables at once
+    make one fail (e.g. sharded workers starting on a fresh project)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from fmbseg.io.runs import output_lock
+
+    with output_lock(Path(uri.removeprefix("sqlite:///"))):
+        yield
+
+
 def experiment_id(client: MlflowClient) -> str:
     """The ``$FMBSEG_EXPERIMENT`` (default ``fmbseg``) experiment, created on first use with
     its artifacts beside a SQLite tracking database (``mlartifacts/``), not in ``./mlruns``."""
@@ -416,9 +430,10 @@ def stage_run(
         return
     import mlflow
 
-    client = mlflow.MlflowClient()
     root = project_root()
-    experiment = experiment_id(client)
+    with _store_creation_lock():
+        client = mlflow.MlflowClient()
+        experiment = experiment_id(client)
     parent = pipeline_parent(client, experiment, root)
     tags = {STAGE_TAG: stage, **git_tags(root)}
     tags.update({f"{DVC_DEP_PREFIX}{p}": md5 for p, md5 in dvc_hashes(root, inputs).items()})

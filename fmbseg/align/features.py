@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -48,6 +47,7 @@ from fmbseg.config import Params
 from fmbseg.errors import ConfigError, FmbsegError, InputError
 from fmbseg.io.atomic import atomic_write, sha256_file, write_text_atomic
 from fmbseg.io.images import image_id, list_images, read_rgb
+from fmbseg.io.runs import RUN_FILE, claim_output, write_run_record
 from fmbseg.masks import IGNORE_LABEL
 from fmbseg.models.base import PatchEncoder
 from fmbseg.models.vocabulary import validate_vocabulary
@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 INDEX_FILE = "index.json"
 SHARD_DIR = "shards"
 IGNORE_PATCH = -1
@@ -133,48 +132,6 @@ class _Shard:
 
 def _marker(out: Path, shard_name: str) -> Path:
     return out / SHARD_DIR / f"{shard_name}.json"
-
-
-def _claim_output(out: Path, record: dict[str, Any], restart_if_changed: bool) -> bool:
-    """Whether ``out`` holds this very cache (to resume). Shards of other inputs or params, or
-    of an unknown cache (no ``run.json``), are never mixed in: the folder is refused, or with
-    ``restart_if_changed`` (what a persisted DVC output needs) emptied. Writes nothing else, so
-    a run that fails on its encoder next leaves no trace."""
-    run_file = out / RUN_FILE
-    if run_file.is_file():
-        previous = json.loads(run_file.read_text(encoding="utf-8"))
-        if previous == record:
-            _remove_leftovers(out)
-            return True
-        changed = ", ".join(sorted(key for key in record if previous.get(key) != record[key]))
-        holds = f"features made with other {changed}"
-    elif (out / SHARD_DIR).is_dir():
-        holds = f"feature shards of an unknown cache ({RUN_FILE} missing)"
-    else:
-        _remove_leftovers(out)  # of a first start killed while writing run.json
-        return False
-    if not restart_if_changed:
-        raise InputError(
-            f"{out}: holds {holds}; delete the folder (or choose another, or pass "
-            "--restart-if-changed) to start over"
-        )
-    log.warning("%s: holds %s; starting over", out, holds)
-    shutil.rmtree(out)
-    return False
-
-
-def remove_partial_writes(folder: Path, names: Sequence[str] = ("*",)) -> None:
-    """Delete the temporary files (``.<name>.<random>.tmp``) that atomic writes of ``names``
-    in ``folder`` left when a kill cut them short: never read, but DVC would store them with
-    the output. Only for files this process owns."""
-    for name in names:
-        for leftover in folder.glob(f".{name}.*.tmp"):
-            leftover.unlink()
-
-
-def _remove_leftovers(out: Path) -> None:
-    remove_partial_writes(out, (RUN_FILE, INDEX_FILE))
-    remove_partial_writes(out / SHARD_DIR)
 
 
 def _inputs_sha256(keys: Sequence[str], paths: dict[str, Path], labels_root: Path) -> str:
@@ -372,12 +329,20 @@ def run_cache_features(
         "images": len(labelled),
         "inputs_sha256": _inputs_sha256(labelled, paths, labels_root),
     }
-    resuming = _claim_output(out, record, restart_if_changed)
+    resuming = claim_output(
+        out,
+        record,
+        kind="features",
+        work=SHARD_DIR,
+        restart_if_changed=restart_if_changed,
+        own_files=(INDEX_FILE,),
+        own_dirs=(SHARD_DIR,),
+    )
     pending = [shard for shard in shards if not _marker(out, shard.name).is_file()]
     if pending:
         encoder = _ready_encoder(params, encoder)
         if not resuming:  # the encoder loaded: only now does the cache leave files
-            write_text_atomic(out / RUN_FILE, json.dumps(record, indent=2, ensure_ascii=False))
+            write_run_record(out, record)
         writer = _ShardWriter(params, encoder, labels_root, paths, len(vocabulary))
         total = sum(len(shard.image_ids) for shard in pending)
         with tqdm(

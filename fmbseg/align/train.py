@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fmbseg.align.features import IGNORE_PATCH, FeatureShards, remove_partial_writes
+from fmbseg.align.features import IGNORE_PATCH, FeatureShards
 from fmbseg.align.loss import get_loss
 from fmbseg.align.module import (
     AlignmentModule,
@@ -46,12 +45,12 @@ from fmbseg.align.module import (
 from fmbseg.config import Params
 from fmbseg.errors import ConfigError, FmbsegError, InputError, WeightsError
 from fmbseg.io.atomic import atomic_write, sha256_file, write_text_atomic
+from fmbseg.io.runs import claim_output, write_run_record
 from fmbseg.models.base import VisionLanguageModel
 from fmbseg.models.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 TEXT_FILE = "text_embeddings.safetensors"
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest.json"
@@ -132,40 +131,6 @@ def save_text_embeddings(path: Path, embeddings: torch.Tensor, metadata: dict[st
 
     with atomic_write(path) as handle:
         handle.write(save({"text_embeddings": embeddings}, metadata))
-
-
-def _remove_leftovers(out: Path) -> None:
-    module_files = (MODULE_FILE, architecture_path(out / MODULE_FILE).name)
-    remove_partial_writes(out, (RUN_FILE, TEXT_FILE, LOSS_FILE, METRICS_FILE, *module_files))
-    remove_partial_writes(out / CHECKPOINT_DIR)
-
-
-def _claim_output(out: Path, record: dict[str, Any], restart_if_changed: bool) -> bool:
-    """Whether ``out`` holds this very run (to resume). Checkpoints of other params or inputs,
-    or of an unknown run (no ``run.json``), are never resumed: the folder is refused, or with
-    ``restart_if_changed`` (what a persisted DVC output needs) emptied. Writes nothing else,
-    so a run that fails on its inputs next leaves no trace."""
-    run_file = out / RUN_FILE
-    if run_file.is_file():
-        previous = json.loads(run_file.read_text(encoding="utf-8"))
-        if previous == record:
-            _remove_leftovers(out)
-            return True
-        changed = sorted(key for key in record if previous.get(key) != record[key])
-        holds = f"a training run with other {', '.join(changed)}"
-    elif (out / CHECKPOINT_DIR / LATEST_FILE).is_file():
-        holds = f"checkpoints of an unknown training run ({RUN_FILE} missing)"
-    else:
-        _remove_leftovers(out)  # of a first start killed while writing run.json
-        return False
-    if not restart_if_changed:
-        raise InputError(
-            f"{out}: holds {holds}; delete the folder (or choose another, or pass "
-            "--restart-if-changed) to start over"
-        )
-    log.warning("%s: holds %s; starting over", out, holds)
-    shutil.rmtree(out)
-    return False
 
 
 def _initial_module(params: Params, spec: ModuleSpec, shards: FeatureShards) -> AlignmentModule:
@@ -295,7 +260,15 @@ def run_train(
         "features_sha256": shards.content_sha256,
         "init_from_sha256": init_sha,
     }
-    resuming = _claim_output(out, record, restart_if_changed)
+    resuming = claim_output(
+        out,
+        record,
+        kind="a training run",
+        work=f"{CHECKPOINT_DIR}/{LATEST_FILE}",
+        restart_if_changed=restart_if_changed,
+        own_files=(TEXT_FILE, LOSS_FILE, METRICS_FILE, MODULE_FILE, architecture_path(MODULE_FILE).name),
+        own_dirs=(CHECKPOINT_DIR,),
+    )
     device = Runtime.from_config(params.models).torch_device()
     text = stored_text_embeddings(out / TEXT_FILE, shards.vocabulary) if resuming else None
     text_metadata = None
@@ -306,7 +279,7 @@ def run_train(
         module = _initial_module(params, spec, shards).to(device)
         # Inputs and weights are usable: only now does the run leave files (run.json first).
         if not resuming:
-            write_text_atomic(out / RUN_FILE, json.dumps(record, indent=2, ensure_ascii=False))
+            write_run_record(out, record)
         if text_metadata is not None:
             save_text_embeddings(out / TEXT_FILE, text, text_metadata)
         text = text.to(device)

@@ -6,6 +6,7 @@ waiting for a library's long network time-out.
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import socket
@@ -86,8 +87,12 @@ def download_file(
             resumed = offset > 0 and response.status == 206
             with open(part, "ab" if resumed else "wb") as handle:
                 shutil.copyfileobj(response, handle, length=1 << 20)
-    except (urllib.error.URLError, OSError) as exc:
-        raise DownloadError(f"{url}: download failed ({exc}); rerun to resume") from None
+            if response.length:  # bytes the server announced but never sent
+                raise DownloadError(
+                    f"{url}: connection closed {response.length} bytes early; rerun to resume"
+                )
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        raise DownloadError(f"{url}: download failed ({exc!r}); rerun to resume") from None
     try:
         digest = _verify(part, url, sha256)
     except DownloadError:

@@ -6,6 +6,7 @@ vocabulary before any model is built.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,8 +24,9 @@ DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 def validate_vocabulary(names: Iterable[str]) -> tuple[str, ...]:
     """Stripped class names; an empty vocabulary, blank or duplicate names are input errors.
 
-    Duplicates are compared case-insensitively, since "Cat" and "cat" would compete for the same
-    pixels with near-identical text embeddings.
+    Names are NFC-normalised (one spelling of "crème" whatever the keyboard), and duplicates are
+    compared case-insensitively, since "Cat" and "cat" would compete for the same pixels with
+    near-identical text embeddings.
     """
     if isinstance(names, str):
         raise InputError(f"vocabulary: expected a list of class names, got the string {names!r}")
@@ -33,7 +35,7 @@ def validate_vocabulary(names: Iterable[str]) -> tuple[str, ...]:
     for position, raw in enumerate(names):
         if not isinstance(raw, str):
             raise InputError(f"vocabulary entry {position}: expected a class name, got {raw!r}")
-        name = raw.strip()
+        name = unicodedata.normalize("NFC", raw).strip()
         if not name:
             raise InputError(f"vocabulary entry {position}: blank class name {raw!r}")
         key = name.casefold()

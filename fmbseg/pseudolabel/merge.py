@@ -27,9 +27,10 @@ import numpy as np
 from fmbseg.config import MergeConfig
 from fmbseg.errors import InputError
 from fmbseg.io.atomic import atomic_write, write_text_atomic
+from fmbseg.io.runs import RUN_FILE, claim_output, write_run_record
 from fmbseg.masks import IGNORE_LABEL, decode_rle, paint_label_map
 from fmbseg.pseudolabel.routes import ROUTE_AUTOMATIC, ROUTE_POINTS
-from fmbseg.pseudolabel.stage import RUN_FILE, SHARD_DIR, SUMMARY_FILE
+from fmbseg.pseudolabel.stage import SHARD_DIR, SUMMARY_FILE
 
 LABEL_DIR = "labels"
 
@@ -151,10 +152,8 @@ def run_merge(config: MergeConfig, pseudo_dir: str | Path, out_dir: str | Path) 
         raise InputError(f"{source}: no finished pseudo-label run ({SUMMARY_FILE} missing)")
     source_run = json.loads((source / RUN_FILE).read_text(encoding="utf-8"))
     record = {"merge": config.model_dump(mode="json"), "pseudolabel_run": source_run}
-    run_file = out / RUN_FILE
-    if run_file.is_file() and json.loads(run_file.read_text(encoding="utf-8")) != record:
-        raise InputError(f"{out}: holds a merge of other inputs or params; delete it to start over")
-    write_text_atomic(run_file, json.dumps(record, indent=2, ensure_ascii=False))
+    if not claim_output(out, record, kind="a merge", work=SHARD_DIR, restart_if_changed=False):
+        write_run_record(out, record)
     vocabulary = source_run["vocabulary"]
     for info_path in sorted((source / SHARD_DIR).glob("*.json")):
         if not (out / SHARD_DIR / info_path.name).is_file():

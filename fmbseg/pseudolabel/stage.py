@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,15 +26,15 @@ from typing import Any
 
 from fmbseg.config import Params
 from fmbseg.errors import FmbsegError, InputError
-from fmbseg.io.atomic import atomic_write, write_text_atomic
+from fmbseg.io.atomic import atomic_write, sha256_file, write_text_atomic
 from fmbseg.io.images import image_id, list_images, read_rgb
+from fmbseg.io.runs import claim_output, remove_partial_writes, write_run_record
 from fmbseg.masks import encode_rle
 from fmbseg.models.base import PromptableSegmenter, VisionLanguageModel
 from fmbseg.models.vocabulary import validate_vocabulary
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 SHARD_DIR = "shards"
 
@@ -67,13 +66,27 @@ def shard_done(out_dir: Path, shard: ShardPlan) -> bool:
     return (out_dir / SHARD_DIR / f"{shard.name}.json").is_file()
 
 
+def _images_sha256(ids: Sequence[str], paths: Sequence[Path]) -> str:
+    """Digest of every image's id and bytes: a resumed run must not keep the pseudo-labels
+    of images replaced under the same names (DVC reruns the stage; the ids stay)."""
+    digest = hashlib.sha256()
+    for key, path in zip(ids, paths, strict=True):
+        digest.update(f"{key}\t{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
 def _run_record(
-    params: Params, vocabulary: Sequence[str], ids: Sequence[str], image_labels: bool
+    params: Params,
+    vocabulary: Sequence[str],
+    ids: Sequence[str],
+    paths: Sequence[Path],
+    image_labels: bool,
 ) -> dict[str, Any]:
     return {
         "vocabulary": list(vocabulary),
         "images": len(ids),
-        "images_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "images_sha256": _images_sha256(ids, paths),
+        "precision": params.models.precision,
         "semi_supervised": image_labels,
         "pseudolabel": params.pseudolabel.model_dump(mode="json"),
         "models": {
@@ -81,25 +94,6 @@ def _run_record(
             "sam": params.models.sam.model_dump(mode="json"),
         },
     }
-
-
-def _claim_output(out_dir: Path, record: dict[str, Any], restart_if_changed: bool) -> None:
-    """Start or resume a run. Shards made with other inputs or params are never mixed in:
-    the folder is refused, or with ``restart_if_changed`` emptied and started afresh."""
-    run_file = out_dir / RUN_FILE
-    if run_file.is_file():
-        previous = json.loads(run_file.read_text(encoding="utf-8"))
-        if previous == record:
-            return
-        changed = ", ".join(sorted(key for key in record if previous.get(key) != record[key]))
-        if not restart_if_changed:
-            raise InputError(
-                f"{out_dir}: holds pseudo-labels made with other {changed}; delete the folder "
-                "(or choose another, or pass --restart-if-changed) to start over"
-            )
-        log.warning("%s: made with other %s; starting over", out_dir, changed)
-        shutil.rmtree(out_dir)
-    write_text_atomic(run_file, json.dumps(record, indent=2, ensure_ascii=False))
 
 
 def _class_ids(names: Sequence[str], vocabulary: Sequence[str], image: str) -> list[int]:
@@ -248,14 +242,19 @@ def run_pseudolabel(
         raise InputError(f"worker {index}/{count}: expected 0 <= index < count")
 
     shards = plan_shards(paths, params.pseudolabel.images_per_shard)
-    _claim_output(
-        out, _run_record(params, names, ids, image_labels is not None), restart_if_changed
+    record = _run_record(params, names, ids, paths, image_labels is not None)
+    resuming = claim_output(
+        out, record, kind="pseudo-labels", work=SHARD_DIR, restart_if_changed=restart_if_changed
     )
     pending = [s for s in shards if s.index % count == index and not shard_done(out, s)]
+    for shard in shards:  # leftovers of kills; other workers' unfinished shards are theirs
+        if shard in pending or shard_done(out, shard):
+            remove_partial_writes(out / SHARD_DIR, (f"{shard.name}.parquet", f"{shard.name}.json"))
     if pending:
-        _label_shards(
-            pending, images_root, out, params, names, image_classes, backends, show_progress
-        )
+        backends = backends or _build_backends(params)
+        if not resuming:  # the models loaded: only now does the run leave files
+            write_run_record(out, record)
+        _label_shards(pending, images_root, out, params, names, image_classes, backends, show_progress)
 
     summary = summarise(out, len(shards))
     if summary["shards_done"] == len(shards):
@@ -269,6 +268,12 @@ def run_pseudolabel(
     return summary
 
 
+def _build_backends(params: Params) -> Backends:
+    from fmbseg.models.registry import build_segmenter, build_vision_language_model
+
+    return Backends(build_vision_language_model(params.models), build_segmenter(params.models))
+
+
 def _label_shards(
     pending: list[ShardPlan],
     images_root: Path,
@@ -276,18 +281,13 @@ def _label_shards(
     params: Params,
     names: tuple[str, ...],
     image_classes: Mapping[str, list[int]] | None,
-    backends: Backends | None,
+    backends: Backends,
     show_progress: bool,
 ) -> None:
     from tqdm import tqdm
 
-    from fmbseg.models.registry import build_segmenter, build_vision_language_model
     from fmbseg.models.vocabulary import VocabularyEncoder
 
-    if backends is None:
-        backends = Backends(
-            build_vision_language_model(params.models), build_segmenter(params.models)
-        )
     text_embeddings = (
         VocabularyEncoder(backends.clip, params.pseudolabel.templates)
         .embed(list(names))

@@ -239,7 +239,7 @@ def test_a_finished_run_reruns_without_training_again(features: Path, reference:
 def test_rerun_with_other_params_into_the_same_folder_is_refused(
     features: Path, reference: Path
 ) -> None:
-    with pytest.raises(InputError, match="holds a training run with other train"):
+    with pytest.raises(InputError, match="holds a training run made with other train"):
         run_train(params(lr=0.05), features, reference, clip=TextOnlyClip(), show_progress=False)
 
 

@@ -300,13 +300,7 @@ LEFTOVERS = {
 @pytest.mark.parametrize(
     "stage",
     [
-        pytest.param(
-            "pseudolabel",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="pseudolabel/stage.py does not remove its temporaries; see the report",
-            ),
-        ),
+        "pseudolabel",
         "cache-features",
         "train",
     ],
