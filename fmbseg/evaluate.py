@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 UNLABELLED = "(unlabelled)"
 
 
-def _background_rule(params: Params, index: int | None):  # noqa: ANN202 (Background | None)
+def _background_rule(params: Params, index: int | None):
     from fmbseg.datasets.registry import coco_stuff_stuff_names
     from fmbseg.segmenter import Background
 

@@ -225,7 +225,7 @@ def check_manifest(manifest_path: str | Path, config: GatesConfig) -> GateReport
     if {"width", "height"} <= set(frame.columns):
         frame["pixels"] = frame["width"].astype("int64") * frame["height"].astype("int64")
     bounds = config.manifest
-    readable = Column("decodable") == True  # a GE row condition, not a comparison
+    readable = Column("decodable") == True  # noqa: E712 - a GE row condition, not a comparison
     expectations: list[Expectation] = [
         gxe.ExpectTableRowCountToBeBetween(min_value=1, description="lists at least one image"),
         gxe.ExpectTableColumnsToMatchSet(
@@ -331,8 +331,8 @@ def _pseudolabel_tables(
     import pandas as pd
     import pyarrow.parquet as pq
 
-    from fmbseg.pseudolabel.merge import label_map_path
     from fmbseg.io.runs import RUN_FILE
+    from fmbseg.pseudolabel.merge import label_map_path
     from fmbseg.pseudolabel.stage import SHARD_DIR, SUMMARY_FILE
 
     if not (pseudo_dir / SUMMARY_FILE).is_file():

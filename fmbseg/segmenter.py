@@ -97,7 +97,9 @@ class OpenVocabularySegmenter:
         counts = torch.zeros(1, *grid.resized_size, device=self.device)
         for start in range(0, len(grid.offsets), self.batch_size):
             chunk = grid.offsets[start : start + self.batch_size]
-            crops = torch.cat([resized[:, :, t : t + window, l : l + window] for t, l in chunk])
+            crops = torch.cat(
+                [resized[:, :, top : top + window, left : left + window] for top, left in chunk]
+            )
             scores = F.interpolate(
                 self._window_scores(crops, text), size=(window, window), mode="bilinear"
             )

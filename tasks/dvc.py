@@ -41,7 +41,7 @@ def worth_retrying(task: object, task_run: object, state: object) -> bool:
         state.result()  # type: ignore[attr-defined]
     except CommandFailed as failure:
         return failure.returncode != USER_ERROR_EXIT
-    except Exception:  # noqa: BLE001 - anything else may be transient
+    except Exception:
         return True
     return True
 

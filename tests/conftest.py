@@ -18,14 +18,13 @@ if "PREFECT_HOME" not in os.environ:  # never the user's ~/.prefect
 
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="fmbseg-prefect-")
 
-import fmbseg  # noqa: E402,F401  (installs the torchvision repair before any test imports it)
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 
-import dataclasses  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
+import fmbseg  # noqa: F401  (installs the torchvision repair before any test imports it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,17 +64,25 @@ def oracle_run(tmp_path_factory: pytest.TempPathFactory) -> OracleRun:
     write_scene_folder(world, 16, root / "scenes", seed=5, sizes=((96, 96), (80, 112)))
     images = root / "scenes" / "images"
     backends = Backends(FakeClip(world), FakeSam(world))
-    run_pseudolabel(params, images, list(world.class_names), root / "pl", backends=backends, show_progress=False)
+    run_pseudolabel(
+        params, images, list(world.class_names), root / "pl", backends=backends, show_progress=False
+    )
     run_merge(params.merge, root / "pl", root / "merged")
     encoder = FakeEncoder(world)
-    run_cache_features(params, images, root / "merged", root / "features", encoder=encoder, show_progress=False)
+    run_cache_features(
+        params, images, root / "merged", root / "features", encoder=encoder, show_progress=False
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: one thread is faster and bit-reproducible
     try:
-        run_train(params, root / "features", root / "model", clip=FakeClip(world), show_progress=False)
+        run_train(
+            params, root / "features", root / "model", clip=FakeClip(world), show_progress=False
+        )
     finally:
         torch.set_num_threads(threads)
-    return OracleRun(params, root / "scenes", root / "merged", root / "model" / "module.safetensors")
+    return OracleRun(
+        params, root / "scenes", root / "merged", root / "model" / "module.safetensors"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,9 @@ def as_dataset(scenes: Path, folder: Path, background_index: int | None = None) 
     for kind, source in (("images", "images"), ("masks", "labels")):
         shutil.copytree(scenes / source, folder / kind / "val")
     (folder / "classes.txt").write_text("\n".join(WORLD.class_names) + "\n", encoding="utf-8")
-    meta = {"ignore_index": 255} | ({} if background_index is None else {"background_index": background_index})
+    meta = {"ignore_index": 255} | (
+        {} if background_index is None else {"background_index": background_index}
+    )
     (folder / "dataset.json").write_text(json.dumps(meta))
     return folder
 
@@ -33,8 +35,17 @@ def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return as_dataset(root / "scenes", root / "dataset")
 
 
-def test_trained_module_scores_high_miou_and_writes_reports(oracle_run, held_out: Path, tmp_path: Path) -> None:
-    metrics = run_evaluate(oracle_run.params, held_out, tmp_path, split="val", model=oracle_run.module, show_progress=False)
+def test_trained_module_scores_high_miou_and_writes_reports(
+    oracle_run, held_out: Path, tmp_path: Path
+) -> None:
+    metrics = run_evaluate(
+        oracle_run.params,
+        held_out,
+        tmp_path,
+        split="val",
+        model=oracle_run.module,
+        show_progress=False,
+    )
     assert metrics["images"] == 4
     assert metrics["mIoU"] >= 0.6 and metrics["pixel_accuracy"] >= 0.85
     assert json.loads((tmp_path / "metrics.json").read_text())["mIoU"] == metrics["mIoU"]
@@ -45,7 +56,14 @@ def test_trained_module_scores_high_miou_and_writes_reports(oracle_run, held_out
 
 def test_stage_1_alone_is_scored_from_label_maps(oracle_run, tmp_path: Path) -> None:
     dataset = as_dataset(oracle_run.scenes, tmp_path / "train-set")
-    metrics = run_evaluate(oracle_run.params, dataset, tmp_path / "out", split="val", pseudolabels=oracle_run.merged, show_progress=False)
+    metrics = run_evaluate(
+        oracle_run.params,
+        dataset,
+        tmp_path / "out",
+        split="val",
+        pseudolabels=oracle_run.merged,
+        show_progress=False,
+    )
     assert metrics["mIoU"] >= 0.8  # Stage 1 with exact fakes nearly reproduces the truth
     assert "(unlabelled)" not in metrics["per_class"]
 
@@ -59,7 +77,14 @@ def test_unlabelled_pseudo_pixels_count_against_recall(oracle_run, tmp_path: Pat
     for path in (merged / "labels").iterdir():
         write_label_map(path, np.full_like(read_label_map(path), IGNORE_LABEL))
     dataset = as_dataset(oracle_run.scenes, tmp_path / "train-set")
-    metrics = run_evaluate(oracle_run.params, dataset, tmp_path / "out", split="val", pseudolabels=merged, show_progress=False)
+    metrics = run_evaluate(
+        oracle_run.params,
+        dataset,
+        tmp_path / "out",
+        split="val",
+        pseudolabels=merged,
+        show_progress=False,
+    )
     assert metrics["mIoU"] == 0.0 and metrics["pixel_accuracy"] == 0.0
 
 

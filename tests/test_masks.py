@@ -31,7 +31,12 @@ def test_later_masks_win_and_unpainted_pixels_are_ignored() -> None:
     big = np.ones((4, 4), dtype=bool)
     small = np.zeros((4, 4), dtype=bool)
     small[1:3, 1:3] = True
-    label_map = paint_label_map(5, 4, [np.vstack([big, np.zeros((1, 4), bool)]), np.vstack([small, np.zeros((1, 4), bool)])], [3, 7])
+    label_map = paint_label_map(
+        5,
+        4,
+        [np.vstack([big, np.zeros((1, 4), bool)]), np.vstack([small, np.zeros((1, 4), bool)])],
+        [3, 7],
+    )
     assert label_map.dtype == np.uint16
     assert label_map[0, 0] == 3 and label_map[1, 1] == 7
     assert (label_map[4] == IGNORE_LABEL).all()

@@ -22,7 +22,9 @@ SLIDING = InferenceConfig(short_side=96, window=48, stride=24)
 
 def segmenter(module_path: Path, config: InferenceConfig = SLIDING) -> OpenVocabularySegmenter:
     module, _ = load_module(module_path)
-    return OpenVocabularySegmenter(FakeEncoder(WORLD), module, VocabularyEncoder(FakeClip(WORLD)), config, torch.device("cpu"))
+    return OpenVocabularySegmenter(
+        FakeEncoder(WORLD), module, VocabularyEncoder(FakeClip(WORLD)), config, torch.device("cpu")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +32,12 @@ def module_path(oracle_run) -> Path:
     return oracle_run.module
 
 
-@pytest.mark.parametrize("config", [SLIDING, InferenceConfig(mode="whole", short_side=96)], ids=["sliding", "whole"])
-def test_held_out_scenes_are_segmented_at_their_own_size(module_path: Path, config: InferenceConfig) -> None:
+@pytest.mark.parametrize(
+    "config", [SLIDING, InferenceConfig(mode="whole", short_side=96)], ids=["sliding", "whole"]
+)
+def test_held_out_scenes_are_segmented_at_their_own_size(
+    module_path: Path, config: InferenceConfig
+) -> None:
     model = segmenter(module_path, config)
     accuracies = []
     for seed in range(100, 104):
@@ -58,7 +64,9 @@ def test_stuff_names_count_as_background(module_path: Path) -> None:
     things = ["background", "cat", "dog", "person", "traffic light", "crème brûlée"]
     stuff = ("grass", "sky", "road")
     labels = model.segment(scene.image, things, Background(0, stuff_names=stuff)).labels
-    truth = np.array([things.index(n) if n in things else 0 for n in WORLD.class_names])[scene.labels]
+    truth = np.array([things.index(n) if n in things else 0 for n in WORLD.class_names])[
+        scene.labels
+    ]
     assert (labels == truth).mean() >= 0.85
     assert set(np.unique(labels)) <= set(range(len(things)))
 
@@ -77,4 +85,6 @@ def test_module_and_encoder_must_agree(module_path: Path) -> None:
     module, _ = load_module(module_path)
     wrong_encoder = FakeEncoder(WORLD, class_dim=8, nuisance_dim=8)
     with pytest.raises(WeightsError, match="takes 32-d features, the encoder gives 16-d"):
-        OpenVocabularySegmenter(wrong_encoder, module, VocabularyEncoder(FakeClip(WORLD)), SLIDING, torch.device("cpu"))
+        OpenVocabularySegmenter(
+            wrong_encoder, module, VocabularyEncoder(FakeClip(WORLD)), SLIDING, torch.device("cpu")
+        )

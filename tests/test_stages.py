@@ -14,10 +14,22 @@ from fmbseg.oracle.scenes import OracleWorld, write_scene_folder
 from fmbseg.stages import parse_worker
 
 ORACLE = [
-    "-S", "models.clip.backend=oracle", "-S", "models.sam.backend=oracle",
-    "-S", "models.encoder.backend=oracle", "-S", "pseudolabel.short_side=256",
-    "-S", "pseudolabel.crop_stride=32", "-S", "features.image_size=64",
-    "-S", "train.epochs=2", "-S", "train.heads=2",
+    "-S",
+    "models.clip.backend=oracle",
+    "-S",
+    "models.sam.backend=oracle",
+    "-S",
+    "models.encoder.backend=oracle",
+    "-S",
+    "pseudolabel.short_side=256",
+    "-S",
+    "pseudolabel.crop_stride=32",
+    "-S",
+    "features.image_size=64",
+    "-S",
+    "train.epochs=2",
+    "-S",
+    "train.heads=2",
 ]
 
 
@@ -33,9 +45,29 @@ def test_stage_1_and_2_chain_end_to_end(tmp_path: Path) -> None:
     world = OracleWorld()
     write_scene_folder(world, 6, tmp_path / "scenes", seed=2, sizes=((80, 96),))
     (tmp_path / "classes.txt").write_text("\n".join(world.class_names), encoding="utf-8")
-    labelled = fmbseg("pseudolabel", *ORACLE, "--images", "scenes/images", "--vocabulary", "classes.txt", "--out", "pl", cwd=tmp_path)
+    labelled = fmbseg(
+        "pseudolabel",
+        *ORACLE,
+        "--images",
+        "scenes/images",
+        "--vocabulary",
+        "classes.txt",
+        "--out",
+        "pl",
+        cwd=tmp_path,
+    )
     merged = fmbseg("merge", *ORACLE, "--pseudolabels", "pl", "--out", "merged", cwd=tmp_path)
-    cached = fmbseg("cache-features", *ORACLE, "--images", "scenes/images", "--labels", "merged", "--out", "features", cwd=tmp_path)
+    cached = fmbseg(
+        "cache-features",
+        *ORACLE,
+        "--images",
+        "scenes/images",
+        "--labels",
+        "merged",
+        "--out",
+        "features",
+        cwd=tmp_path,
+    )
     trained = fmbseg("train", *ORACLE, "--features", "features", "--out", "model", cwd=tmp_path)
     assert labelled["images"] == merged["images"] == 6
     assert cached["images"] == 6
@@ -54,7 +86,9 @@ def test_evaluate_names_unknown_and_missing_datasets(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "fmbseg.cli", "evaluate", "--out", "eval", "--dataset"]
     unknown = subprocess.run([*command, "nope"], capture_output=True, text=True, cwd=tmp_path)
     assert unknown.returncode == 2
-    assert "unknown dataset 'nope' (known: ade20k" in unknown.stderr and "demo_voc" in unknown.stderr
+    assert (
+        "unknown dataset 'nope' (known: ade20k" in unknown.stderr and "demo_voc" in unknown.stderr
+    )
     missing = subprocess.run([*command, "voc21"], capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode == 2
     assert "not downloaded yet; run: fmbseg download voc21" in missing.stderr

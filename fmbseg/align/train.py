@@ -266,7 +266,13 @@ def run_train(
         kind="a training run",
         work=f"{CHECKPOINT_DIR}/{LATEST_FILE}",
         restart_if_changed=restart_if_changed,
-        own_files=(TEXT_FILE, LOSS_FILE, METRICS_FILE, MODULE_FILE, architecture_path(MODULE_FILE).name),
+        own_files=(
+            TEXT_FILE,
+            LOSS_FILE,
+            METRICS_FILE,
+            MODULE_FILE,
+            architecture_path(MODULE_FILE).name,
+        ),
         own_dirs=(CHECKPOINT_DIR,),
     )
     device = Runtime.from_config(params.models).torch_device()

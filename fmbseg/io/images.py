@@ -35,7 +35,7 @@ def image_id(path: Path, root: Path) -> str:
     return path.relative_to(root).with_suffix("").as_posix()
 
 
-def _to_rgb_array(image) -> np.ndarray:  # noqa: ANN001 (PIL.Image.Image, imported lazily)
+def _to_rgb_array(image) -> np.ndarray:
     if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
         values = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0

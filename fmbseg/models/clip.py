@@ -279,7 +279,6 @@ def _pretrained_cfg(name: str, tag: str | None) -> dict[str, Any]:
 def _weights_request(name: str, tag: str | None, pretrained_cfg: dict[str, Any]) -> WeightsRequest:
     stem = f"{name}-{tag}" if tag else name
     source_url: str | None = None
-    download: Callable[[], Path] | None = None
     hub = pretrained_cfg.get("hf_hub", "")
     url = pretrained_cfg.get("url", "")
     if hub and open_clip.pretrained.has_hf_hub():
@@ -287,14 +286,16 @@ def _weights_request(name: str, tag: str | None, pretrained_cfg: dict[str, Any])
         source_url = f"{HF_HUB_URL}/{hub.rsplit('/', 1)[0]}"
     elif url:
         source_url = url
-    if source_url is not None:
-        download = lambda: Path(open_clip.download_pretrained(pretrained_cfg))
+
+    def download() -> Path:
+        return Path(open_clip.download_pretrained(pretrained_cfg))
+
     return WeightsRequest(
         role="clip",
         model=f"{name}:{tag}" if tag else name,
         filenames=tuple(f"{stem}{suffix}" for suffix in CHECKPOINT_SUFFIXES),
         source_url=source_url,
-        download=download,
+        download=download if source_url is not None else None,
     )
 
 

@@ -261,7 +261,9 @@ class SegmentAnythingModel:
                 predicted_iou=float(iou),
                 stability_score=float(stab),
             )
-            for rle, iou, stab in zip(data["rles"], data["iou_preds"], data["stability_score"])
+            for rle, iou, stab in zip(
+                data["rles"], data["iou_preds"], data["stability_score"], strict=True
+            )
         ]
 
     def _grid_batch(

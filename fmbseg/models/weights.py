@@ -149,7 +149,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state: Any = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch and safetensors raise many kinds
+    except Exception as exc:
         reason = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
         raise WeightsError(
             f"{path}: not readable as a weights-only checkpoint ({reason})"

@@ -37,7 +37,10 @@ SIZE = 96  # encoder input side: 12 x 12 patches of 8
 
 def _features(encoder: FakeEncoder, images: Sequence[np.ndarray]) -> torch.Tensor:
     batch = torch.cat(
-        [F.interpolate(image_to_tensor(image), size=(SIZE, SIZE), mode="bilinear") for image in images]
+        [
+            F.interpolate(image_to_tensor(image), size=(SIZE, SIZE), mode="bilinear")
+            for image in images
+        ]
     )
     return encoder.encode(batch)  # (B, h, w, C)
 
@@ -52,7 +55,9 @@ def flip_labels(labels: torch.Tensor, share: float, classes: int, seed: int) -> 
     generator = torch.Generator().manual_seed(seed)
     noisy = labels.clone()
     labelled = torch.nonzero(labels.flatten() != IGNORE_PATCH).flatten()
-    chosen = labelled[torch.randperm(len(labelled), generator=generator)[: round(share * len(labelled))]]
+    chosen = labelled[
+        torch.randperm(len(labelled), generator=generator)[: round(share * len(labelled))]
+    ]
     shift = torch.randint(1, classes, (len(chosen),), generator=generator)
     flat = noisy.view(-1)
     flat[chosen] = (flat[chosen] + shift) % classes
@@ -60,7 +65,12 @@ def flip_labels(labels: torch.Tensor, share: float, classes: int, seed: int) -> 
 
 
 def train_module(
-    features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, loss: str, epochs: int, seed: int
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    text: torch.Tensor,
+    loss: str,
+    epochs: int,
+    seed: int,
 ) -> AlignmentModule:
     """SGD + cosine annealing on batches of 5 images, as the training stage does."""
     torch.manual_seed(seed)
@@ -108,11 +118,15 @@ def run_study(
     clip, encoder = FakeClip(world), FakeEncoder(world, signal=signal)
     text = VocabularyEncoder(clip).embed(names).float()
     params = Params(
-        pseudolabel=PseudoLabelConfig(short_side=256, crop_stride=32, automask=AutoMaskConfig(points_per_side=16))
+        pseudolabel=PseudoLabelConfig(
+            short_side=256, crop_stride=32, automask=AutoMaskConfig(points_per_side=16)
+        )
     )
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        write_scene_folder(world, train_scenes, root / "scenes", seed=seed, sizes=((96, 128), (128, 96)))
+        write_scene_folder(
+            world, train_scenes, root / "scenes", seed=seed, sizes=((96, 128), (128, 96))
+        )
         run_pseudolabel(
             params, root / "scenes" / "images", names, root / "pl",
             backends=Backends(clip, FakeSam(world)), show_progress=False,
@@ -120,7 +134,9 @@ def run_study(
         run_merge(params.merge, root / "pl", root / "merged")
         ids = sorted(path.stem for path in (root / "scenes" / "images").glob("*.png"))
         images = [read_rgb(root / "scenes" / "images" / f"{key}.png") for key in ids]
-        pseudo = [read_label_map(label_map_path(root / "merged", key)).astype(np.int64) for key in ids]
+        pseudo = [
+            read_label_map(label_map_path(root / "merged", key)).astype(np.int64) for key in ids
+        ]
     train_features = _features(encoder, images)
     train_labels = _patch_targets(pseudo, len(names))
     rng = np.random.SeedSequence(seed + 1).generate_state(test_scenes)

@@ -114,7 +114,10 @@ def dense_clip_features(
     for start in range(0, len(windows.offsets), batch_size):
         chunk = windows.offsets[start : start + batch_size]
         crops = torch.stack(
-            [resized[:, t : t + windows.crop, l : l + windows.crop] for t, l in chunk]
+            [
+                resized[:, top : top + windows.crop, left : left + windows.crop]
+                for top, left in chunk
+            ]
         )
         dense = model.encode_images(crops)
         patches = dense.patches.float().cpu()

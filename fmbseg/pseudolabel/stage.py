@@ -254,7 +254,9 @@ def run_pseudolabel(
         backends = backends or _build_backends(params)
         if not resuming:  # the models loaded: only now does the run leave files
             write_run_record(out, record)
-        _label_shards(pending, images_root, out, params, names, image_classes, backends, show_progress)
+        _label_shards(
+            pending, images_root, out, params, names, image_classes, backends, show_progress
+        )
 
     summary = summarise(out, len(shards))
     if summary["shards_done"] == len(shards):

@@ -13,7 +13,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 ORACLE = {
-    "models": {"clip": {"backend": "oracle"}, "sam": {"backend": "oracle"}, "encoder": {"backend": "oracle"}},
+    "models": {
+        "clip": {"backend": "oracle"},
+        "sam": {"backend": "oracle"},
+        "encoder": {"backend": "oracle"},
+    },
     "pseudolabel": {"short_side": 128, "crop_stride": 32, "images_per_shard": 2},
     "features": {"image_size": 64},
     "train": {"heads": 2},
@@ -31,7 +35,10 @@ def run(*argv: str, cwd: Path) -> str:
     bin_dir = str(Path(sys.executable).parent)
     result = subprocess.run(
         [str(Path(bin_dir) / argv[0]) if argv[0] == "dvc" else argv[0], *argv[1:]],
-        cwd=cwd, capture_output=True, text=True, check=True,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return result.stdout
 
@@ -71,7 +78,9 @@ def stage_runs(client, parent_run_id: str) -> list[str]:
     return sorted(run.data.tags["fmbseg.stage"] for run in runs)
 
 
-def test_pipeline_flow_runs_dvc_end_to_end_under_one_parent_run(project: Path, prefect_and_mlflow) -> None:
+def test_pipeline_flow_runs_dvc_end_to_end_under_one_parent_run(
+    project: Path, prefect_and_mlflow
+) -> None:
     from flows.pipeline import pipeline
 
     client = prefect_and_mlflow
@@ -87,7 +96,9 @@ def test_pipeline_flow_runs_dvc_end_to_end_under_one_parent_run(project: Path, p
     assert int(champion.version) == 1
 
 
-def test_changing_one_param_reruns_exactly_its_dependent_stages(project: Path, prefect_and_mlflow) -> None:
+def test_changing_one_param_reruns_exactly_its_dependent_stages(
+    project: Path, prefect_and_mlflow
+) -> None:
     from flows.pipeline import pipeline
 
     run("dvc", "exp", "run", "--help", cwd=project)  # the DVC experiments CLI is there
@@ -95,11 +106,17 @@ def test_changing_one_param_reruns_exactly_its_dependent_stages(project: Path, p
     params["train"]["epochs"] = 3
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = pipeline(project_dir=str(project))
-    assert stage_runs(prefect_and_mlflow, result["pipeline_run_id"]) == ["evaluate", "register", "train"]
+    assert stage_runs(prefect_and_mlflow, result["pipeline_run_id"]) == [
+        "evaluate",
+        "register",
+        "train",
+    ]
     assert result["promotion"]["candidate_version"] == 2
 
 
-def test_sharded_pseudolabelling_flow_records_the_stage_output(project: Path, prefect_and_mlflow) -> None:
+def test_sharded_pseudolabelling_flow_records_the_stage_output(
+    project: Path, prefect_and_mlflow
+) -> None:
     from flows.pseudolabel import pseudolabel_sharded
 
     params = yaml.safe_load((project / "params.yaml").read_text())

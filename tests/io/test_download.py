@@ -21,7 +21,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     ranges_seen: list[str] = []
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         body = PAYLOAD if self.path == "/file.bin" else PAYLOAD[:1000]
         start = 0
         if (header := self.headers.get("Range")) is not None:
@@ -56,7 +56,9 @@ def test_downloads_and_verifies_full_hash(server: str, tmp_path: Path) -> None:
 def test_resumes_from_partial_file(server: str, tmp_path: Path) -> None:
     (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:300_000])
     _Handler.ranges_seen.clear()
-    digest = download_file(f"{server}/file.bin", tmp_path / "f.bin", sha256=hashlib.sha256(PAYLOAD).hexdigest()[:8])
+    digest = download_file(
+        f"{server}/file.bin", tmp_path / "f.bin", sha256=hashlib.sha256(PAYLOAD).hexdigest()[:8]
+    )
     assert _Handler.ranges_seen == ["bytes=300000-"]
     assert (tmp_path / "f.bin").read_bytes() == PAYLOAD
     assert digest == hashlib.sha256(PAYLOAD).hexdigest()
@@ -64,7 +66,9 @@ def test_resumes_from_partial_file(server: str, tmp_path: Path) -> None:
 
 def test_hash_mismatch_leaves_nothing_behind(server: str, tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="expected"):
-        download_file(f"{server}/broken.bin", tmp_path / "f.bin", sha256=hashlib.sha256(PAYLOAD).hexdigest())
+        download_file(
+            f"{server}/broken.bin", tmp_path / "f.bin", sha256=hashlib.sha256(PAYLOAD).hexdigest()
+        )
     assert list(tmp_path.iterdir()) == []
 
 

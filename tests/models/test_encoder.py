@@ -149,7 +149,9 @@ def test_checkpoint_of_another_architecture_is_a_one_line_error(tmp_path: Path) 
 
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match=r"garbage\.safetensors: not readable as a weights-only checkpoint"):
+    with pytest.raises(
+        WeightsError, match=r"garbage\.safetensors: not readable as a weights-only checkpoint"
+    ):
         build(models_config(checkpoint=str(garbage)))
 
 

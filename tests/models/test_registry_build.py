@@ -12,7 +12,10 @@ from fmbseg.models.registry import available_backends, build_patch_encoder, regi
 
 def test_unknown_backend_lists_the_known_ones() -> None:
     params = load_params(None, ["models.encoder.backend=dinov9"])
-    with pytest.raises(ConfigError, match=r"models.encoder.backend: unknown backend 'dinov9' \(known: oracle, timm\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"models.encoder.backend: unknown backend 'dinov9' \(known: oracle, timm\)",
+    ):
         build_patch_encoder(params.models)
 
 

@@ -66,7 +66,10 @@ def test_offline_fails_fast_with_placement_message(tmp_path: Path) -> None:
         resolve(request(lambda: calls.append(1)), weights_dir=str(tmp_path))  # type: ignore[arg-type,return-value]
     message = str(error.value)
     assert calls == []  # FMBSEG_OFFLINE (set for tests) skips the attempt
-    assert f"place w.pth (the file published at https://example.invalid/w.pth) in {tmp_path / 'sam'}/" in message
+    assert (
+        f"place w.pth (the file published at https://example.invalid/w.pth) in {tmp_path / 'sam'}/"
+        in message
+    )
     assert "FMBSEG_OFFLINE" in message and "allow_random_init" in message
 
 

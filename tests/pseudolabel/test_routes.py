@@ -15,7 +15,9 @@ from fmbseg.pseudolabel.routes import ROUTE_AUTOMATIC, ROUTE_POINTS, pseudolabel
 
 WORLD = OracleWorld()
 # The paper's geometry: the short side is four crops long, crops overlap by half.
-CONFIG = PseudoLabelConfig(short_side=256, crop_stride=32, automask=AutoMaskConfig(points_per_side=16))
+CONFIG = PseudoLabelConfig(
+    short_side=256, crop_stride=32, automask=AutoMaskConfig(points_per_side=16)
+)
 
 
 def label_scene(scene, clip, sam, config=CONFIG, fraction=1.0, vocabulary=None, image_classes=None):
@@ -36,15 +38,21 @@ def label_scene(scene, clip, sam, config=CONFIG, fraction=1.0, vocabulary=None, 
     return result, label_map
 
 
-def correct_and_labelled(label_map: np.ndarray, truth: np.ndarray, names=WORLD.class_names) -> tuple[int, int]:
+def correct_and_labelled(
+    label_map: np.ndarray, truth: np.ndarray, names=WORLD.class_names
+) -> tuple[int, int]:
     """Pixels labelled with their true class, and pixels labelled at all."""
-    to_world = np.array([WORLD.class_names.index(n) if n in WORLD.class_names else -99 for n in names])
+    to_world = np.array(
+        [WORLD.class_names.index(n) if n in WORLD.class_names else -99 for n in names]
+    )
     labelled = label_map != IGNORE_LABEL
     predicted = to_world[label_map[labelled].astype(int)]
     return int((predicted == truth[labelled]).sum()), int(labelled.sum())
 
 
-def accuracy(label_map: np.ndarray, truth: np.ndarray, names=WORLD.class_names) -> tuple[float, float]:
+def accuracy(
+    label_map: np.ndarray, truth: np.ndarray, names=WORLD.class_names
+) -> tuple[float, float]:
     """Pixel accuracy on pseudo-labelled pixels, and the labelled share of the image."""
     correct, labelled = correct_and_labelled(label_map, truth, names)
     return correct / labelled, labelled / truth.size
@@ -88,7 +96,14 @@ def test_accuracy_degrades_gracefully_with_noise() -> None:
     mean_accuracy = []
     for noise in (0.0, 0.5, 1.5):
         scores = [
-            accuracy(label_scene(s, FakeClip(WORLD, noise=noise, seed=7), FakeSam(WORLD, erode=1, merge_probability=0.2, seed=3))[1], s.labels)[0]
+            accuracy(
+                label_scene(
+                    s,
+                    FakeClip(WORLD, noise=noise, seed=7),
+                    FakeSam(WORLD, erode=1, merge_probability=0.2, seed=3),
+                )[1],
+                s.labels,
+            )[0]
             for s in scenes
         ]
         mean_accuracy.append(np.mean(scores))

@@ -23,7 +23,10 @@ WORLD = OracleWorld()
 VOCABULARY = list(WORLD.class_names)
 PARAMS = Params(
     pseudolabel=PseudoLabelConfig(
-        short_side=256, crop_stride=32, images_per_shard=3, automask=AutoMaskConfig(points_per_side=16)
+        short_side=256,
+        crop_stride=32,
+        images_per_shard=3,
+        automask=AutoMaskConfig(points_per_side=16),
     )
 )
 
@@ -74,12 +77,16 @@ def test_same_inputs_give_identical_outputs(scenes: Path, tmp_path: Path) -> Non
         run(scenes, tmp_path / name)
         run_merge(MergeConfig(seed=3), tmp_path / name, tmp_path / f"{name}-merged")
     for relative in ["shards/00001.parquet", "summary.json"]:
-        assert (tmp_path / "a-merged" / relative).read_bytes() == (tmp_path / "b-merged" / relative).read_bytes()
+        assert (tmp_path / "a-merged" / relative).read_bytes() == (
+            tmp_path / "b-merged" / relative
+        ).read_bytes()
     for label in (tmp_path / "a-merged" / "labels").iterdir():
         assert label.read_bytes() == (tmp_path / "b-merged" / "labels" / label.name).read_bytes()
 
 
-def test_other_params_in_the_same_folder_are_refused_or_replaced(scenes: Path, tmp_path: Path) -> None:
+def test_other_params_in_the_same_folder_are_refused_or_replaced(
+    scenes: Path, tmp_path: Path
+) -> None:
     run(scenes, tmp_path / "pl", limit=3)
     with pytest.raises(InputError, match="other images"):
         run(scenes, tmp_path / "pl")
@@ -87,23 +94,40 @@ def test_other_params_in_the_same_folder_are_refused_or_replaced(scenes: Path, t
     assert summary["images"] == 7 and summary["shards_done"] == 3
 
 
-def test_unreadable_images_are_recorded_and_tolerated_up_to_the_limit(scenes: Path, tmp_path: Path) -> None:
+def test_unreadable_images_are_recorded_and_tolerated_up_to_the_limit(
+    scenes: Path, tmp_path: Path
+) -> None:
     images = tmp_path / "images"
     images.mkdir()
     for path in sorted((scenes / "images").iterdir())[:4]:
         (images / path.name).write_bytes(path.read_bytes())
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    params = PARAMS.model_copy(update={"pseudolabel": PARAMS.pseudolabel.model_copy(update={"max_failed_fraction": 0.25})})
-    summary = run_pseudolabel(params, images, VOCABULARY, tmp_path / "ok", backends=backends(), show_progress=False)
+    params = PARAMS.model_copy(
+        update={"pseudolabel": PARAMS.pseudolabel.model_copy(update={"max_failed_fraction": 0.25})}
+    )
+    summary = run_pseudolabel(
+        params, images, VOCABULARY, tmp_path / "ok", backends=backends(), show_progress=False
+    )
     assert summary["failed"] == 1 and "broken.png" in summary["failed_images"]["broken"]
-    strict = PARAMS.model_copy(update={"pseudolabel": PARAMS.pseudolabel.model_copy(update={"max_failed_fraction": 0.1})})
+    strict = PARAMS.model_copy(
+        update={"pseudolabel": PARAMS.pseudolabel.model_copy(update={"max_failed_fraction": 0.1})}
+    )
     with pytest.raises(FmbsegError, match="1 of 5 images could not be read"):
-        run_pseudolabel(strict, images, VOCABULARY, tmp_path / "strict", backends=backends(), show_progress=False)
+        run_pseudolabel(
+            strict,
+            images,
+            VOCABULARY,
+            tmp_path / "strict",
+            backends=backends(),
+            show_progress=False,
+        )
     assert json.loads((tmp_path / "strict" / "summary.json").read_text())["failed"] == 1
 
 
 @pytest.mark.parametrize("vocabulary", [[], ["cat", "dog", "Cat"], ["cat", "  "]])
-def test_bad_vocabularies_are_rejected_before_any_model_loads(scenes: Path, tmp_path: Path, vocabulary) -> None:
+def test_bad_vocabularies_are_rejected_before_any_model_loads(
+    scenes: Path, tmp_path: Path, vocabulary
+) -> None:
     with pytest.raises(InputError, match="vocabulary"):
         run_pseudolabel(PARAMS, scenes / "images", vocabulary, tmp_path / "pl", backends=None)
     assert not (tmp_path / "pl").exists()
@@ -157,20 +181,41 @@ def test_merged_label_maps_match_the_truth(scenes: Path, tmp_path: Path) -> None
 def test_cli_runs_both_stages_with_oracle_backends(scenes: Path, tmp_path: Path) -> None:
     (tmp_path / "classes.txt").write_text("\n".join(VOCABULARY) + "\n", encoding="utf-8")
     overrides = [
-        "-S", "models.clip.backend=oracle", "-S", "models.sam.backend=oracle",
-        "-S", "pseudolabel.short_side=256", "-S", "pseudolabel.crop_stride=32",
+        "-S",
+        "models.clip.backend=oracle",
+        "-S",
+        "models.sam.backend=oracle",
+        "-S",
+        "pseudolabel.short_side=256",
+        "-S",
+        "pseudolabel.crop_stride=32",
     ]
     command = [sys.executable, "-m", "fmbseg.cli", "-q"]
     labelled = subprocess.run(
-        [*command, "pseudolabel", *overrides, "--images", str(scenes / "images"),
-         "--vocabulary", str(tmp_path / "classes.txt"), "--out", str(tmp_path / "pl"), "--limit", "2"],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            *command,
+            "pseudolabel",
+            *overrides,
+            "--images",
+            str(scenes / "images"),
+            "--vocabulary",
+            str(tmp_path / "classes.txt"),
+            "--out",
+            str(tmp_path / "pl"),
+            "--limit",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert labelled.returncode == 0, labelled.stderr
     assert json.loads(labelled.stdout)["images"] == 2
     merged = subprocess.run(
         [*command, "merge", "--pseudolabels", str(tmp_path / "pl"), "--out", str(tmp_path / "m")],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert merged.returncode == 0, merged.stderr
     assert len(list((tmp_path / "m" / "labels").iterdir())) == 2

@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from reliability_support import subprocess_env
 
 Outcome = Callable[..., None]
