@@ -149,6 +149,12 @@ def _lineage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="models:/fmbseg@champion, models:/fmbseg/3, ...")
 
 
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from fmbseg.bench.options import add_arguments
+
+    add_arguments(parser)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "config",
@@ -214,6 +220,12 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "lineage", "what produced a registered model", "fmbseg.commands:lineage", _lineage_arguments
+    ),
+    Command(
+        "bench",
+        "measure the stages on this machine, as ratios against reference code",
+        "fmbseg.bench.harness:command",
+        _bench_arguments,
     ),
 )
 

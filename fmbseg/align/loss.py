@@ -120,8 +120,9 @@ def fmbseg_loss(
         return _connected_zero(z, t)
 
     # Row i holds z_i.z_j / tau for all labelled j (self masked out), then z_i.t_k / tau for all k.
-    logits = (z @ torch.cat([z, t]).T) / temperature
-    logits = torch.diagonal_scatter(logits, logits.new_full((num_labelled,), -math.inf))
+    # Scale the (P, D) side rather than the (P, P + K) product, and mask self-pairs in place.
+    logits = (z / temperature) @ torch.cat([z, t]).T
+    logits.diagonal().fill_(-math.inf)
     log_denominator = torch.logsumexp(logits, dim=1)
 
     counts = torch.bincount(y, minlength=num_classes)
@@ -167,8 +168,8 @@ def supcon_loss(
     if num_labelled < 2:  # nobody has a positive, and a lone patch has an empty denominator
         return _connected_zero(z, t)
 
-    logits = (z @ z.T) / temperature
-    logits = torch.diagonal_scatter(logits, logits.new_full((num_labelled,), -math.inf))
+    logits = (z / temperature) @ z.T
+    logits.diagonal().fill_(-math.inf)
     log_denominator = torch.logsumexp(logits, dim=1)
 
     num_positives = torch.bincount(y, minlength=t.shape[0])[y] - 1
