@@ -12,7 +12,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from fmbseg.errors import FmbsegError
-from fmbseg.tracking import DVC_DEP_PREFIX, PARENT_TAG, PREFECT_TAG, STAGE_TAG, WEIGHTS_PREFIX
+from fmbseg.tracking import (
+    DVC_DEP_PREFIX,
+    DVC_UPSTREAM_PREFIX,
+    PARENT_TAG,
+    PREFECT_TAG,
+    STAGE_TAG,
+    WEIGHTS_PREFIX,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -95,11 +102,20 @@ def _run_record(run: Run, *, full: bool) -> dict[str, Any]:
             if k.startswith(DVC_DEP_PREFIX)
         },
         "weights": _weights(tags),
+        "upstream": {
+            k.removeprefix(DVC_UPSTREAM_PREFIX): v
+            for k, v in sorted(tags.items())
+            if k.startswith(DVC_UPSTREAM_PREFIX)
+        },
     }
     if full:
         record["params"] = dict(sorted(run.data.params.items()))
         record["metrics"] = dict(sorted(run.data.metrics.items()))
-        record["tags"] = {k: v for k, v in sorted(tags.items()) if not k.startswith("mlflow.")}
+        record["tags"] = {
+            k: v
+            for k, v in sorted(tags.items())
+            if not k.startswith(("mlflow.", DVC_UPSTREAM_PREFIX))
+        }
     return record
 
 
@@ -128,6 +144,7 @@ def format_lineage(record: dict[str, Any]) -> str:
     else:
         lines.append(f"source run: {_run_line(source)}")
         lines += _run_details(source, "  ")
+        lines += [f"  pipeline data {path}: md5 {md5}" for path, md5 in source["upstream"].items()]
         lines += [f"  param {key} = {value}" for key, value in source["params"].items()]
         lines += [f"  metric {key} = {value:g}" for key, value in source["metrics"].items()]
     if record["prefect_flow_run_id"]:

@@ -52,6 +52,9 @@ STAGE_TAG = "fmbseg.stage"
 PARENT_TAG = "mlflow.parentRunId"
 PREFECT_TAG = "prefect.flow_run_id"
 DVC_DEP_PREFIX = "dvc.dep."
+# Every stage output recorded in dvc.lock when the stage started: the upstream data a model came
+# from (images, pseudo-labels, features), also when DVC skipped those stages in this execution.
+DVC_UPSTREAM_PREFIX = "dvc.lock."
 WEIGHTS_PREFIX = "weights."
 
 # MLflow's limits (mlflow.utils.validation); kept here so this module imports without MLflow.
@@ -437,6 +440,8 @@ def stage_run(
     parent = pipeline_parent(client, experiment, root)
     tags = {STAGE_TAG: stage, **git_tags(root)}
     tags.update({f"{DVC_DEP_PREFIX}{p}": md5 for p, md5 in dvc_hashes(root, inputs).items()})
+    upstream = _lock_entries(root / "dvc.lock")[0]
+    tags.update({f"{DVC_UPSTREAM_PREFIX}{p}": md5 for p, md5 in upstream.items()})
     if dvc_stage := os.environ.get("DVC_STAGE"):
         tags["dvc.stage"] = dvc_stage
     if flow_run := prefect_flow_run_id():

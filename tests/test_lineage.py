@@ -111,6 +111,11 @@ def test_lineage_lists_the_pipelines_stage_runs_with_their_inputs_and_weights(
     assert source["params"]["models.clip.model"] == "ViT-B-16"
     assert source["metrics"] == {"final_loss": 0.25}
     assert source["dvc"] == {"outputs/features": HASHES["outputs/features"]}
+    # every output in dvc.lock when training started: the data upstream of the model
+    assert source["upstream"] == {
+        path: HASHES[path]
+        for path in ("outputs/pseudolabels", "outputs/labels", "outputs/features")
+    }
     assert record["pipeline"]["name"] == "pipeline"
     assert record["prefect_flow_run_id"] == "flow-run-42"
     stages = {stage["stage"]: stage for stage in record["stages"]}
@@ -131,6 +136,7 @@ def test_lineage_lists_the_pipelines_stage_runs_with_their_inputs_and_weights(
     for path, md5 in HASHES.items():
         assert f"input {path}: md5 {md5}" in text
     assert f"weights clip (ViT-B-16): sha256:{'a' * 64}" in text
+    assert f"pipeline data outputs/labels: md5 {HASHES['outputs/labels']}" in text
 
 
 def test_a_version_registered_outside_a_pipeline_has_no_stage_runs(
