@@ -16,7 +16,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,12 +28,15 @@ from fmbseg.io.atomic import write_text_atomic
 from fmbseg.io.runs import RUN_FILE
 from fmbseg.masks import IGNORE_LABEL
 
+if TYPE_CHECKING:
+    from fmbseg.segmenter import Background
+
 log = logging.getLogger(__name__)
 
 UNLABELLED = "(unlabelled)"
 
 
-def _background_rule(params: Params, index: int | None):
+def _background_rule(params: Params, index: int | None) -> Background | None:
     from fmbseg.datasets.registry import coco_stuff_stuff_names
     from fmbseg.segmenter import Background
 

@@ -107,3 +107,50 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         ):
             patch.delenv(name, raising=False)
         yield folder
+
+
+class FileServer:
+    """Files served by name from 127.0.0.1 with Range support, and the requests seen."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.url = ""
+
+
+@pytest.fixture()
+def file_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
+    """A local HTTP server for download tests (downloads are switched back on)."""
+    import http.server
+    import threading
+
+    monkeypatch.delenv("FMBSEG_OFFLINE", raising=False)
+    state = FileServer()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            name = self.path.lstrip("/")
+            state.requests.append((name, self.headers.get("Range")))
+            body = state.files.get(name)
+            if body is None:
+                self.send_error(404)
+                return
+            start = (
+                int(self.headers["Range"].split("=")[1].split("-")[0])
+                if "Range" in self.headers
+                else 0
+            )
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            self.wfile.write(body[start:])
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True).start()
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()

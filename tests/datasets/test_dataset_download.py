@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
 import io
 import json
 import shutil
 import tarfile
-import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -133,47 +131,11 @@ ARCHIVES = {
 }
 
 
-class Mirror:
-    """What the test server serves (by file name) and the requests it has seen."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = dict(ARCHIVES)
-        self.requests: list[tuple[str, str | None]] = []
-        self.url = ""
-
-
 @pytest.fixture()
-def mirror(monkeypatch: pytest.MonkeyPatch) -> Iterator[Mirror]:
-    monkeypatch.delenv("FMBSEG_OFFLINE", raising=False)
-    state = Mirror()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            name = self.path.lstrip("/")
-            state.requests.append((name, self.headers.get("Range")))
-            body = state.files.get(name)
-            if body is None:
-                self.send_error(404)
-                return
-            start = (
-                int(self.headers["Range"].split("=")[1].split("-")[0])
-                if "Range" in self.headers
-                else 0
-            )
-            self.send_response(206 if start else 200)
-            self.send_header("Content-Length", str(len(body) - start))
-            self.end_headers()
-            self.wfile.write(body[start:])
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True).start()
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+def mirror(file_server):
+    """The test server, serving every archive these tests build."""
+    file_server.files.update(ARCHIVES)
+    return file_server
 
 
 @pytest.fixture()
@@ -207,7 +169,7 @@ def labels_of(path: Path) -> list[list[int]]:
 
 
 @pytest.mark.usefixtures("checksums_of_test_archives")
-def test_voc_is_downloaded_extracted_and_converted_for_pv20(mirror: Mirror, tmp_path: Path) -> None:
+def test_voc_is_downloaded_extracted_and_converted_for_pv20(mirror, tmp_path: Path) -> None:
     summary = run_download("voc20", tmp_path, base_url=mirror.url, show_progress=False)
     out = tmp_path / "voc20"
     assert summary["path"] == str(out) and not summary["already_done"]
@@ -227,9 +189,7 @@ def test_voc_is_downloaded_extracted_and_converted_for_pv20(mirror: Mirror, tmp_
 
 
 @pytest.mark.usefixtures("checksums_of_test_archives")
-def test_pv21_reuses_the_extracted_voc_and_a_rerun_is_a_no_op(
-    mirror: Mirror, tmp_path: Path
-) -> None:
+def test_pv21_reuses_the_extracted_voc_and_a_rerun_is_a_no_op(mirror, tmp_path: Path) -> None:
     run_download("voc20", tmp_path, base_url=mirror.url, show_progress=False)
     requests = len(mirror.requests)
     shutil.rmtree(tmp_path / "downloads")  # the extraction is all a second benchmark needs
@@ -243,9 +203,7 @@ def test_pv21_reuses_the_extracted_voc_and_a_rerun_is_a_no_op(
 
 
 @pytest.mark.usefixtures("checksums_of_test_archives")
-def test_ade20k_reduces_zero_label_and_skips_the_training_split(
-    mirror: Mirror, tmp_path: Path
-) -> None:
+def test_ade20k_reduces_zero_label_and_skips_the_training_split(mirror, tmp_path: Path) -> None:
     run_download("ade20k", tmp_path, base_url=mirror.url, show_progress=False)
     assert labels_of(tmp_path / "ade20k/masks/val/ADE_val_00000001.png") == [
         [I, 0, 149],
@@ -255,7 +213,7 @@ def test_ade20k_reduces_zero_label_and_skips_the_training_split(
 
 
 @pytest.mark.usefixtures("checksums_of_test_archives")
-def test_pascal_context_mat_files_become_59_class_pngs(mirror: Mirror, tmp_path: Path) -> None:
+def test_pascal_context_mat_files_become_59_class_pngs(mirror, tmp_path: Path) -> None:
     summary = run_download("context59", tmp_path, base_url=mirror.url, show_progress=False)
     assert labels_of(tmp_path / "context59/masks/val/2008_000002.png") == [[I, 54, 57], [0, I, 58]]
     assert summary["missing_annotations"] == ["2008_000003"]
@@ -263,7 +221,7 @@ def test_pascal_context_mat_files_become_59_class_pngs(mirror: Mirror, tmp_path:
 
 
 @pytest.mark.usefixtures("checksums_of_test_archives")
-def test_coco_stuff_and_coco_object_share_the_coco_archives(mirror: Mirror, tmp_path: Path) -> None:
+def test_coco_stuff_and_coco_object_share_the_coco_archives(mirror, tmp_path: Path) -> None:
     run_download("coco_stuff", tmp_path, base_url=mirror.url, show_progress=False)
     run_download("coco_object", tmp_path, base_url=mirror.url, show_progress=False)
     assert sorted(name for name, _ in mirror.requests) == [
@@ -301,7 +259,7 @@ def test_cityscapes_says_what_to_download_by_hand_then_converts_it(tmp_path: Pat
 
 @pytest.mark.parametrize("algorithm", ["sha1", "sha256"])
 def test_corrupted_download_fails_and_leaves_nothing(
-    mirror: Mirror, tmp_path: Path, checksums_of_test_archives: Callable[..., None], algorithm: str
+    mirror, tmp_path: Path, checksums_of_test_archives: Callable[..., None], algorithm: str
 ) -> None:
     checksums_of_test_archives()
     spec = get_dataset_spec("ade20k")
@@ -324,7 +282,7 @@ def test_corrupted_download_fails_and_leaves_nothing(
     ],
 )  # fmt: skip
 def test_hostile_archives_are_refused_and_nothing_is_extracted(
-    mirror: Mirror, tmp_path: Path, checksums_of_test_archives: Callable[..., None],
+    mirror, tmp_path: Path, checksums_of_test_archives: Callable[..., None],
     name: str, filename: str, hostile: bytes, member: str,
 ) -> None:  # fmt: skip
     mirror.files[filename] = hostile
@@ -335,7 +293,7 @@ def test_hostile_archives_are_refused_and_nothing_is_extracted(
 
 
 @pytest.mark.usefixtures("checksums_of_test_archives")
-def test_a_partial_download_is_resumed(mirror: Mirror, tmp_path: Path) -> None:
+def test_a_partial_download_is_resumed(mirror, tmp_path: Path) -> None:
     half = len(ADE_ZIP) // 2
     (tmp_path / "downloads").mkdir()
     (tmp_path / "downloads/ADEChallengeData2016.zip.part").write_bytes(ADE_ZIP[:half])
@@ -377,7 +335,7 @@ TRAINING_SPLITS = {
 @pytest.mark.parametrize("name", sorted(TRAINING_SPLITS))
 @pytest.mark.usefixtures("checksums_of_test_archives")
 def test_a_training_split_is_images_and_the_vocabulary_without_masks(
-    mirror: Mirror, tmp_path: Path, name: str
+    mirror, tmp_path: Path, name: str
 ) -> None:
     vocabulary, images = TRAINING_SPLITS[name]
     summary = run_download(name, tmp_path, base_url=mirror.url, show_progress=False)
@@ -396,7 +354,7 @@ def test_a_training_split_is_images_and_the_vocabulary_without_masks(
 @pytest.mark.parametrize("order", [("ade20k", "ade20k_train"), ("ade20k_train", "ade20k")])
 @pytest.mark.usefixtures("checksums_of_test_archives")
 def test_ade20k_and_its_training_split_share_one_download(
-    mirror: Mirror, tmp_path: Path, order: tuple[str, str]
+    mirror, tmp_path: Path, order: tuple[str, str]
 ) -> None:
     raw = tmp_path / "raw/ADEChallengeData2016/ADEChallengeData2016"
     run_download(order[0], tmp_path, base_url=mirror.url, show_progress=False)
@@ -419,7 +377,7 @@ def test_ade20k_and_its_training_split_share_one_download(
                                                       ("context59", "context_train")])  # fmt: skip
 @pytest.mark.usefixtures("checksums_of_test_archives")
 def test_voc_training_splits_need_nothing_beyond_the_benchmarks_extraction(
-    mirror: Mirror, tmp_path: Path, benchmark: str, training: str
+    mirror, tmp_path: Path, benchmark: str, training: str
 ) -> None:
     run_download(benchmark, tmp_path, base_url=mirror.url, show_progress=False)
     requests = len(mirror.requests)
