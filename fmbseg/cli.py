@@ -81,8 +81,11 @@ def _features_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _params_arguments(parser)
-    parser.add_argument("--features", required=True, help="a finished feature cache")
-    parser.add_argument("--out", required=True, help="output folder (checkpoints, module)")
+    parser.add_argument("--features", default=None, help="a finished feature cache")
+    parser.add_argument("--images", default=None, help="folder of the training images")
+    parser.add_argument("--labels", default=None, help="a finished merge folder (label maps)")
+    parser.add_argument("--masks", default=None, help="a finished class-agnostic mask folder")
+    parser.add_argument("--out", required=True, help="output folder (checkpoints, model)")
     _restart_argument(parser)
 
 
@@ -181,7 +184,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "train",
-        "Stage 2: train the alignment module (resumes from the last epoch checkpoint)",
+        "Stage 2: train the method train.method names (resumes from its last checkpoint)",
         "fmbseg.stages:train",
         _train_arguments,
     ),

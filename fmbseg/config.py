@@ -73,8 +73,21 @@ class AutoMaskConfig(FrozenConfig):
     max_area_fraction: float = 1.0
 
 
+class TextConfig(FrozenConfig):
+    """The text space Stage 2 maps class names into. ``clip`` (default): the text tower of
+    ``models.clip``; other backends read the keys below."""
+
+    backend: str = "clip"
+    model: str | None = None
+    pretrained: str | None = None
+    checkpoint: str | None = None
+    allow_random_init: bool = False
+    batch_size: int = 64
+
+
 class ModelsConfig(FrozenConfig):
     clip: ClipConfig = ClipConfig()
+    text: TextConfig = TextConfig()
     sam: SamConfig = SamConfig()
     encoder: EncoderConfig = EncoderConfig()
     # Searched (with $FMBSEG_WEIGHTS_DIR) before any download; one sub-folder per role.
@@ -136,6 +149,9 @@ class TrainConfig(FrozenConfig):
     mlp_ratio: float = 4.0
     # Start from a trained module (per-dataset fine-tuning, as in the paper's appendix).
     init_from: str | None = None
+    # The Stage 2 method (fmbseg.methods): "fmbseg" is the paper's alignment module, trained
+    # with the keys above; other methods read their own block below.
+    method: str = "fmbseg"
 
 
 class InferenceConfig(FrozenConfig):

@@ -96,10 +96,7 @@ def run_evaluate(
 
         segmenter = load_segmenter(params, resolve_module(model))
         background = _background_rule(params, spec.background_index)
-        provenance = {
-            "encoder": segmenter.encoder.provenance.tag,
-            "clip": segmenter.text.model.provenance.tag,
-        }
+        provenance = {role: item.tag for role, item in segmenter.scorer.provenance.items()}
 
         def predict(image_id: str, image: np.ndarray) -> np.ndarray:
             return segmenter.segment(image, names, background).labels

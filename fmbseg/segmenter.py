@@ -1,5 +1,6 @@
-"""The open-vocabulary segmenter: frozen encoder -> alignment module -> cosine with the class
-prompts' text embeddings -> bilinear upsampling -> argmax. Any vocabulary, at test time.
+"""The open-vocabulary segmenter: a trained method's window scores (FMbSeg: frozen encoder ->
+alignment module -> cosine with the class prompts' text embeddings) -> bilinear upsampling ->
+argmax. Any vocabulary, at test time.
 
 Sliding-window inference follows TCL's protocol by default (short side 448, 448 windows,
 stride 224, scores averaged where windows overlap). Each side of the resized image is rounded
@@ -11,17 +12,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmbseg.align.module import AlignmentModule, load_module
 from fmbseg.config import InferenceConfig, Params
-from fmbseg.errors import WeightsError
-from fmbseg.models.base import PatchEncoder
-from fmbseg.models.vocabulary import VocabularyEncoder, validate_vocabulary
+from fmbseg.models.vocabulary import validate_vocabulary
 from fmbseg.pseudolabel.dense import image_to_tensor, plan_windows
+
+if TYPE_CHECKING:
+    from fmbseg.methods import WindowScorer
 
 
 @dataclass(frozen=True)
@@ -41,41 +43,30 @@ class Background:
 @dataclass(frozen=True)
 class Segmentation:
     labels: np.ndarray  # (H, W) int64 indices into the vocabulary
-    scores: torch.Tensor  # (K', H, W) cosine scores of the queried names, on CPU
+    scores: torch.Tensor  # (K', H, W) scores of the queried names (FMbSeg: cosine), on CPU
 
 
 class OpenVocabularySegmenter:
+    """Any trained method's :class:`~fmbseg.methods.WindowScorer`, run over a whole image:
+    resize, windows, scores averaged where windows overlap, upsampled, decided per pixel."""
+
     def __init__(
         self,
-        encoder: PatchEncoder,
-        module: AlignmentModule,
-        text: VocabularyEncoder,
+        scorer: WindowScorer,
         config: InferenceConfig,
         device: torch.device,
         batch_size: int = 4,
     ) -> None:
-        if module.spec.in_dim != encoder.embed_dim:
-            raise WeightsError(
-                f"alignment module takes {module.spec.in_dim}-d features, the encoder gives "
-                f"{encoder.embed_dim}-d"
-            )
-        if module.spec.text_dim != text.model.embed_dim:
-            raise WeightsError(
-                f"alignment module maps to {module.spec.text_dim}-d text space, the CLIP model "
-                f"has {text.model.embed_dim}-d text embeddings"
-            )
-        self.encoder = encoder
-        self.module = module.eval().to(device)
-        self.text = text
+        self.scorer = scorer
         self.config = config
         self.device = device
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def score(self, image: np.ndarray, text_embeddings: torch.Tensor) -> torch.Tensor:
-        """(K, H, W) cosine scores of an (H, W, 3) uint8 image against (K, D) embeddings."""
+    def score(self, image: np.ndarray, vocabulary: Any) -> torch.Tensor:
+        """(K, H, W) scores of an (H, W, 3) uint8 image against a prepared vocabulary."""
         height, width = image.shape[:2]
-        patch = self.encoder.patch_size
+        patch = self.scorer.patch_size
         config = self.config
         window = config.window if config.mode == "sliding" else 0
         grid = plan_windows(
@@ -90,10 +81,11 @@ class OpenVocabularySegmenter:
         resized = F.interpolate(
             image_to_tensor(image), size=grid.resized_size, mode="bilinear", antialias=True
         ).to(self.device)
-        text = text_embeddings.to(self.device, torch.float32)
         if not window:
-            return self._upsample(self._window_scores(resized, text)[0], (height, width))
-        total = torch.zeros(text.shape[0], *grid.resized_size, device=self.device)
+            return self._upsample(
+                self.scorer.score_windows(resized, vocabulary)[0], (height, width)
+            )
+        total: torch.Tensor | None = None
         counts = torch.zeros(1, *grid.resized_size, device=self.device)
         for start in range(0, len(grid.offsets), self.batch_size):
             chunk = grid.offsets[start : start + self.batch_size]
@@ -101,17 +93,17 @@ class OpenVocabularySegmenter:
                 [resized[:, :, top : top + window, left : left + window] for top, left in chunk]
             )
             scores = F.interpolate(
-                self._window_scores(crops, text), size=(window, window), mode="bilinear"
+                self.scorer.score_windows(crops, vocabulary).to(self.device),
+                size=(window, window),
+                mode="bilinear",
             )
+            if total is None:
+                total = torch.zeros(scores.shape[1], *grid.resized_size, device=self.device)
             for (top, left), window_scores in zip(chunk, scores, strict=True):
                 total[:, top : top + window, left : left + window] += window_scores
                 counts[:, top : top + window, left : left + window] += 1
+        assert total is not None  # plan_windows gives at least one window
         return self._upsample(total / counts, (height, width))
-
-    def _window_scores(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) images -> (B, K, h/p, w/p) cosine scores."""
-        embeddings = self.module(self.encoder.encode(images).float())
-        return torch.einsum("bhwd,kd->bkhw", embeddings, text)
 
     @staticmethod
     def _upsample(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -123,13 +115,13 @@ class OpenVocabularySegmenter:
         """Per-pixel class indices into ``class_names`` (and the scores behind them)."""
         names = validate_vocabulary(class_names)
         if background is None:
-            scores = self.score(image, self.text.embed(names))
+            scores = self.score(image, self.scorer.prepare(names))
             return Segmentation(scores.argmax(0).numpy(), scores)
         foreground = [i for i in range(len(names)) if i != background.index]
         queried = [names[i] for i in foreground] + [
             name for name in background.stuff_names if name not in names
         ]
-        scores = self.score(image, self.text.embed(queried))
+        scores = self.score(image, self.scorer.prepare(tuple(queried)))
         best, winner = scores.max(0)
         to_output = torch.tensor(foreground + [background.index] * (len(queried) - len(foreground)))
         labels = to_output[winner]
@@ -138,20 +130,15 @@ class OpenVocabularySegmenter:
         return Segmentation(labels.numpy(), scores)
 
 
-def load_segmenter(params: Params, module_path: str | Path) -> OpenVocabularySegmenter:
-    """Build the encoder and CLIP text encoder the params name, and a trained module file."""
-    from fmbseg.models.registry import build_patch_encoder, build_vision_language_model
+def load_segmenter(params: Params, model: str | Path) -> OpenVocabularySegmenter:
+    """The trained model at ``model`` (its folder or a file in it), whatever its method, with
+    the models ``params`` names for the roles it uses."""
+    from fmbseg.methods import get_method, model_folder, read_model_record
     from fmbseg.models.runtime import Runtime
 
     device = Runtime.from_config(params.models).torch_device()
-    module, info = load_module(module_path, device=device)
-    encoder = build_patch_encoder(params.models)
-    if info.encoder != encoder.provenance.model:
-        raise WeightsError(
-            f"{module_path}: trained on features of {info.encoder!r}, but models.encoder builds "
-            f"{encoder.provenance.model!r}"
-        )
-    text = VocabularyEncoder(build_vision_language_model(params.models), params.inference.templates)
+    record = read_model_record(model)
+    scorer = get_method(record.method).load(params, model_folder(model), device)
     return OpenVocabularySegmenter(
-        encoder, module, text, params.inference, device, params.models.encoder.batch_size
+        scorer, params.inference, device, params.models.encoder.batch_size
     )

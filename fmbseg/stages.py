@@ -147,23 +147,34 @@ def cache_features(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from fmbseg.align.train import run_train
+    """Train the Stage 2 method ``train.method`` names on what the earlier stages produced."""
+    from fmbseg.methods import TrainInputs, get_method
 
     params = params_from_args(args)
+    method = get_method(params.train.method)
+    inputs = TrainInputs(
+        **{
+            name: Path(value)
+            for name in ("features", "images", "labels", "masks")
+            if (value := getattr(args, name)) is not None
+        }
+    )
     out = Path(args.out)
-    with _tracked("train", params, [args.features]) as run:
+    given = [str(path) for path in vars(inputs).values() if path is not None]
+    with _tracked("train", params, given) as run:
+        run.set_tags({"fmbseg.method": method.name})
 
         def log_epoch(record: dict[str, Any]) -> None:
             run.log_metrics(_numbers(record), step=int(record["epoch"]))
 
-        metrics = run_train(
+        metrics = method.train(
             params,
-            args.features,
+            inputs,
             out,
             on_epoch=log_epoch,
             restart_if_changed=args.restart_if_changed,
         )
-        _record(run, metrics, [out / "metrics.json", out / "loss.csv", out / "module.json"])
+        _record(run, metrics, [out / "metrics.json", out / "loss.csv", out / "model.json"])
     _print(metrics)
     return 0
 

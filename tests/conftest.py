@@ -76,7 +76,7 @@ def oracle_run(tmp_path_factory: pytest.TempPathFactory) -> OracleRun:
     torch.set_num_threads(1)  # tiny tensors: one thread is faster and bit-reproducible
     try:
         run_train(
-            params, root / "features", root / "model", clip=FakeClip(world), show_progress=False
+            params, root / "features", root / "model", text=FakeClip(world), show_progress=False
         )
     finally:
         torch.set_num_threads(threads)

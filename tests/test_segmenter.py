@@ -11,6 +11,7 @@ import torch
 from fmbseg.align.module import load_module
 from fmbseg.config import InferenceConfig
 from fmbseg.errors import WeightsError
+from fmbseg.methods.fmbseg import AlignmentScorer
 from fmbseg.models.vocabulary import VocabularyEncoder
 from fmbseg.oracle.fakes import FakeClip, FakeEncoder
 from fmbseg.oracle.scenes import OracleWorld, make_scene
@@ -22,9 +23,8 @@ SLIDING = InferenceConfig(short_side=96, window=48, stride=24)
 
 def segmenter(module_path: Path, config: InferenceConfig = SLIDING) -> OpenVocabularySegmenter:
     module, _ = load_module(module_path)
-    return OpenVocabularySegmenter(
-        FakeEncoder(WORLD), module, VocabularyEncoder(FakeClip(WORLD)), config, torch.device("cpu")
-    )
+    scorer = AlignmentScorer(FakeEncoder(WORLD), module, VocabularyEncoder(FakeClip(WORLD)))
+    return OpenVocabularySegmenter(scorer, config, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,4 @@ def test_module_and_encoder_must_agree(module_path: Path) -> None:
     module, _ = load_module(module_path)
     wrong_encoder = FakeEncoder(WORLD, class_dim=8, nuisance_dim=8)
     with pytest.raises(WeightsError, match="takes 32-d features, the encoder gives 16-d"):
-        OpenVocabularySegmenter(
-            wrong_encoder, module, VocabularyEncoder(FakeClip(WORLD)), SLIDING, torch.device("cpu")
-        )
+        AlignmentScorer(wrong_encoder, module, VocabularyEncoder(FakeClip(WORLD)))

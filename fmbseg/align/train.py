@@ -12,6 +12,7 @@ Output folder::
     loss.csv                           step, epoch, loss (for DVC plots)
     metrics.json                       final loss, epochs, steps, seconds
     module.safetensors, module.json    the trained module (see :mod:`fmbseg.align.module`)
+    model.json                         method "fmbseg" and the files of the trained model, last
 
 Exact resume: the only randomness is the module's initialisation (seeded once) and each epoch's
 image order, drawn from a generator seeded by ``(train.seed, epoch)``; so a checkpoint holds no
@@ -46,7 +47,8 @@ from fmbseg.config import Params
 from fmbseg.errors import ConfigError, FmbsegError, InputError, WeightsError
 from fmbseg.io.atomic import atomic_write, sha256_file, write_text_atomic
 from fmbseg.io.runs import claim_output, write_run_record
-from fmbseg.models.base import VisionLanguageModel
+from fmbseg.methods import MODEL_FILE, write_model_record
+from fmbseg.models.base import TextEncoder
 from fmbseg.models.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -107,21 +109,21 @@ def stored_text_embeddings(path: Path, vocabulary: tuple[str, ...]) -> torch.Ten
 
 
 def encode_text_embeddings(
-    vocabulary: tuple[str, ...], params: Params, clip: VisionLanguageModel | None
+    vocabulary: tuple[str, ...], params: Params, text: TextEncoder | None
 ) -> tuple[torch.Tensor, dict[str, str]]:
     """(K, D) text embeddings of ``vocabulary`` and the metadata to store them with."""
-    from fmbseg.models.registry import build_vision_language_model
+    from fmbseg.models.registry import build_text_encoder
     from fmbseg.models.vocabulary import VocabularyEncoder
 
-    if clip is None:
-        clip = build_vision_language_model(params.models)
+    if text is None:
+        text = build_text_encoder(params.models)
     with torch.no_grad():
-        embeddings = VocabularyEncoder(clip, params.pseudolabel.templates).embed(vocabulary)
+        embeddings = VocabularyEncoder(text, params.pseudolabel.templates).embed(vocabulary)
     metadata = {
         "vocabulary": json.dumps(list(vocabulary), ensure_ascii=False),
         "templates": json.dumps(list(params.pseudolabel.templates), ensure_ascii=False),
-        "clip": clip.provenance.model,
-        "clip_weights": clip.provenance.tag,
+        "text": text.provenance.model,
+        "text_weights": text.provenance.tag,
     }
     return embeddings.detach().to("cpu", torch.float32).contiguous(), metadata
 
@@ -230,7 +232,7 @@ def run_train(
     features_dir: str | Path,
     out_dir: str | Path,
     *,
-    clip: VisionLanguageModel | None = None,
+    text: TextEncoder | None = None,
     show_progress: bool = True,
     on_epoch: EpochCallback | None = None,
     restart_if_changed: bool = False,
@@ -256,7 +258,8 @@ def run_train(
     record = {
         "train": train.model_dump(mode="json"),
         "templates": list(params.pseudolabel.templates),
-        "clip": params.models.clip.model_dump(mode="json"),
+        "text": params.models.text.model_dump(mode="json")
+        | {"clip": params.models.clip.model_dump(mode="json")},
         "features_sha256": shards.content_sha256,
         "init_from_sha256": init_sha,
     }
@@ -272,30 +275,38 @@ def run_train(
             METRICS_FILE,
             MODULE_FILE,
             architecture_path(MODULE_FILE).name,
+            MODEL_FILE,
         ),
         own_dirs=(CHECKPOINT_DIR,),
     )
     device = Runtime.from_config(params.models).torch_device()
-    text = stored_text_embeddings(out / TEXT_FILE, shards.vocabulary) if resuming else None
+    embeddings = stored_text_embeddings(out / TEXT_FILE, shards.vocabulary) if resuming else None
     text_metadata = None
-    if text is None:
-        text, text_metadata = encode_text_embeddings(shards.vocabulary, params, clip)
-    spec = ModuleSpec(shards.dim, text.shape[1], train.depth, train.heads, train.mlp_ratio)
+    if embeddings is None:
+        embeddings, text_metadata = encode_text_embeddings(shards.vocabulary, params, text)
+    spec = ModuleSpec(shards.dim, embeddings.shape[1], train.depth, train.heads, train.mlp_ratio)
     with deterministic():
         module = _initial_module(params, spec, shards).to(device)
         # Inputs and weights are usable: only now does the run leave files (run.json first).
         if not resuming:
             write_run_record(out, record)
         if text_metadata is not None:
-            save_text_embeddings(out / TEXT_FILE, text, text_metadata)
-        text = text.to(device)
-        metrics = _fit(params, shards, module, text, out, device, show_progress, on_epoch)
+            save_text_embeddings(out / TEXT_FILE, embeddings, text_metadata)
+        embeddings = embeddings.to(device)
+        metrics = _fit(params, shards, module, embeddings, out, device, show_progress, on_epoch)
     save_module(
         module,
         out / MODULE_FILE,
         encoder=shards.encoder["model"],
         text_embeddings=TEXT_FILE,
         vocabulary=shards.vocabulary,
+    )
+    write_model_record(
+        out,
+        "fmbseg",
+        (MODULE_FILE, architecture_path(MODULE_FILE).name, TEXT_FILE),
+        encoder=shards.encoder["model"],
+        vocabulary=list(shards.vocabulary),
     )
     return metrics
 

@@ -371,6 +371,7 @@ def inference(ctx: CaseContext, rec: Recorder) -> dict[str, Any]:
 
     from fmbseg.align.module import AlignmentModule
     from fmbseg.config import InferenceConfig
+    from fmbseg.methods.fmbseg import AlignmentScorer
     from fmbseg.models.vocabulary import VocabularyEncoder
     from fmbseg.pseudolabel.dense import image_to_tensor, plan_windows
     from fmbseg.segmenter import OpenVocabularySegmenter
@@ -386,7 +387,10 @@ def inference(ctx: CaseContext, rec: Recorder) -> dict[str, Any]:
     window = preset.feature_size
     config = InferenceConfig(short_side=window, window=window, stride=window // 2)
     segmenter = OpenVocabularySegmenter(
-        encoder, module, vocabulary, config, ctx.device, batch_size=preset.encoder_batch
+        AlignmentScorer(encoder, module.to(ctx.device), vocabulary),
+        config,
+        ctx.device,
+        batch_size=preset.encoder_batch,
     )
     image = ctx.image()
     grid = plan_windows(

@@ -1,4 +1,4 @@
-"""The three model roles the stages depend on, as small typed interfaces.
+"""The model roles the stages depend on, as small typed interfaces.
 
 Stages import only these protocols; concrete backends (open_clip, segment-anything, timm)
 and the oracle fakes implement them, so other models (SigLIP, MobileSAM, SAM 2) plug in
@@ -53,6 +53,19 @@ class DenseEmbeddings:
 
     image: torch.Tensor  # (B, D)
     patches: torch.Tensor  # (B, h, w, D)
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """The text role: the space Stage 2 maps into. Any text tower (CLIP's, a language model)."""
+
+    provenance: WeightProvenance
+
+    @property
+    def embed_dim(self) -> int: ...
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """(T, D) normalised embeddings of already templated prompts."""
 
 
 @runtime_checkable

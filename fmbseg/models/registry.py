@@ -15,11 +15,16 @@ from fmbseg.errors import ConfigError
 
 if TYPE_CHECKING:
     from fmbseg.config import ModelsConfig
-    from fmbseg.models.base import PatchEncoder, PromptableSegmenter, VisionLanguageModel
+    from fmbseg.models.base import (
+        PatchEncoder,
+        PromptableSegmenter,
+        TextEncoder,
+        VisionLanguageModel,
+    )
 
 Factory = Callable[["ModelsConfig"], Any]
 
-ROLES = ("clip", "sam", "encoder")
+ROLES = ("clip", "sam", "encoder", "text")
 
 _registry: dict[str, dict[str, Factory | str]] = {
     "clip": {"open_clip": "fmbseg.models.clip:build", "oracle": "fmbseg.oracle.fakes:build_clip"},
@@ -31,6 +36,8 @@ _registry: dict[str, dict[str, Factory | str]] = {
         "timm": "fmbseg.models.encoder:build",
         "oracle": "fmbseg.oracle.fakes:build_encoder",
     },
+    # "clip": the text tower of whatever ``models.clip`` builds (the paper's setting).
+    "text": {"clip": "fmbseg.models.registry:build_vision_language_model"},
 }
 
 
@@ -80,3 +87,8 @@ def build_segmenter(models: ModelsConfig) -> PromptableSegmenter:
 
 def build_patch_encoder(models: ModelsConfig) -> PatchEncoder:
     return _build("encoder", models.encoder.backend, models)
+
+
+def build_text_encoder(models: ModelsConfig) -> TextEncoder:
+    """The text space Stage 2 maps into (default: the text tower of ``models.clip``)."""
+    return _build("text", models.text.backend, models)

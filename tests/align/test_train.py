@@ -102,7 +102,7 @@ def features(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(features: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted run: the result every other run is compared with."""
     out = tmp_path_factory.mktemp("reference")
-    run_train(params(), features, out, clip=TextOnlyClip(), show_progress=False)
+    run_train(params(), features, out, text=TextOnlyClip(), show_progress=False)
     return out
 
 
@@ -153,7 +153,7 @@ def test_text_embeddings_are_the_frozen_text_encoders_prompt_averages(reference:
 def test_two_runs_give_identical_weights_and_losses(
     features: Path, reference: Path, tmp_path: Path
 ) -> None:
-    run_train(params(), features, tmp_path, clip=TextOnlyClip(), show_progress=False)
+    run_train(params(), features, tmp_path, text=TextOnlyClip(), show_progress=False)
     assert (tmp_path / "module.safetensors").read_bytes() == (
         reference / "module.safetensors"
     ).read_bytes()
@@ -198,7 +198,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
             kwargs = {}
         with pytest.raises(Killed):
             run_train(
-                params(), features, tmp_path, clip=TextOnlyClip(), show_progress=False, **kwargs
+                params(), features, tmp_path, text=TextOnlyClip(), show_progress=False, **kwargs
             )
     assert (
         json.loads((tmp_path / "checkpoints" / "latest.json").read_text(encoding="utf-8"))["epoch"]
@@ -211,7 +211,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
         params(),
         features,
         tmp_path,
-        clip=NoClip(),
+        text=NoClip(),
         show_progress=False,
         on_epoch=lambda r: epochs_run.append(r["epoch"]),
     )
@@ -229,7 +229,7 @@ def test_a_finished_run_reruns_without_training_again(features: Path, reference:
         params(),
         features,
         reference,
-        clip=NoClip(),
+        text=NoClip(),
         show_progress=False,
         on_epoch=lambda r: epochs_run.append(r["epoch"]),
     )
@@ -240,13 +240,13 @@ def test_rerun_with_other_params_into_the_same_folder_is_refused(
     features: Path, reference: Path
 ) -> None:
     with pytest.raises(InputError, match="holds a training run made with other train"):
-        run_train(params(lr=0.05), features, reference, clip=TextOnlyClip(), show_progress=False)
+        run_train(params(lr=0.05), features, reference, text=TextOnlyClip(), show_progress=False)
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "supcon"])
 def test_ablation_losses_train_too(features: Path, tmp_path: Path, loss: str) -> None:
     metrics = run_train(
-        params(loss=loss, epochs=3), features, tmp_path, clip=TextOnlyClip(), show_progress=False
+        params(loss=loss, epochs=3), features, tmp_path, text=TextOnlyClip(), show_progress=False
     )
     assert (
         np.isfinite(metrics["final_loss"]) and metrics["final_loss"] < metrics["first_epoch_loss"]
@@ -267,7 +267,7 @@ def test_init_from_starts_at_the_trained_weights_with_the_new_vocabulary(
     frozen = params(
         init_from=str(reference / "module.safetensors"), epochs=1, lr=0.0, weight_decay=0.0
     )
-    run_train(frozen, other_features, tmp_path, clip=TextOnlyClip(OTHER_WORLD), show_progress=False)
+    run_train(frozen, other_features, tmp_path, text=TextOnlyClip(OTHER_WORLD), show_progress=False)
     start, _ = load_module(reference / "module.safetensors")
     after, info = load_module(tmp_path / "module.safetensors")
     for (name, a), b in zip(start.state_dict().items(), after.state_dict().values(), strict=True):
@@ -282,7 +282,7 @@ def test_fine_tuning_learns_the_new_vocabulary(
     reference: Path, other_features: Path, tmp_path: Path
 ) -> None:
     tuned = params(init_from=str(reference / "module.safetensors"))
-    run_train(tuned, other_features, tmp_path, clip=TextOnlyClip(OTHER_WORLD), show_progress=False)
+    run_train(tuned, other_features, tmp_path, text=TextOnlyClip(OTHER_WORLD), show_progress=False)
     text = load_file(tmp_path / "text_embeddings.safetensors")["text_embeddings"]
     module, _ = load_module(tmp_path / "module.safetensors")
     assert accuracy(module.eval(), other_features, text) > 0.9
@@ -297,7 +297,7 @@ def test_init_from_with_another_architecture_names_file_and_expected_one(
             params(init_from=str(source), heads=8),
             other_features,
             tmp_path,
-            clip=TextOnlyClip(OTHER_WORLD),
+            text=TextOnlyClip(OTHER_WORLD),
             show_progress=False,
         )
     assert str(source) in str(
@@ -311,6 +311,6 @@ def test_init_from_a_missing_file_is_a_weights_error(other_features: Path, tmp_p
             params(init_from=str(tmp_path / "nowhere.safetensors")),
             other_features,
             tmp_path / "out",
-            clip=TextOnlyClip(OTHER_WORLD),
+            text=TextOnlyClip(OTHER_WORLD),
             show_progress=False,
         )
