@@ -45,6 +45,13 @@ if TYPE_CHECKING:
     from great_expectations.expectations import Expectation
 
 MANIFEST_COLUMNS = ("image_id", "path", "split", "width", "height", "decodable", "error", "bytes")
+PARAM = "param"
+"""Key of an expectation's ``meta`` (and of its report details) naming the params.yaml key that
+sets its bound, so a failed report says what to change."""
+
+
+def _set_by(key: str) -> dict[str, str]:
+    return {PARAM: f"gates.{key}"}
 
 
 @dataclass(frozen=True)
@@ -144,11 +151,19 @@ def _exception_messages(info: dict[str, Any]) -> list[str]:
     )
 
 
-def _outcome(table: str, result: ExpectationValidationResult) -> ExpectationResult:
+def _outcome(
+    table: str,
+    result: ExpectationValidationResult,
+    frame: pd.DataFrame,
+    row_ids: Sequence[str],
+    max_listed: int,
+) -> ExpectationResult:
     config = result.expectation_config
     kwargs = {key: value for key, value in config.kwargs.items() if key != "batch_id"}
     measured = result.result or {}
     details: dict[str, Any] = {"rule": config.description, "kwargs": _plain(kwargs)}
+    if PARAM in (config.meta or {}):
+        details[PARAM] = config.meta[PARAM]
     if "observed_value" in measured:
         observed: Any = _plain(measured["observed_value"])
     elif "unexpected_count" in measured:
@@ -163,9 +178,31 @@ def _outcome(table: str, result: ExpectationValidationResult) -> ExpectationResu
     errors = _exception_messages(result.exception_info or {})
     if errors:
         details["errors"] = errors
-    return ExpectationResult(
-        _name(table, kwargs, config.type), bool(result.success) and not errors, observed, details
-    )
+    success = bool(result.success) and not errors
+    if not success and not details.get("rows"):
+        rows = _extreme_rows(frame, kwargs, observed, row_ids, max_listed)
+        if rows:
+            details["rows"] = rows
+    return ExpectationResult(_name(table, kwargs, config.type), success, observed, details)
+
+
+def _extreme_rows(
+    frame: pd.DataFrame,
+    kwargs: dict[str, Any],
+    observed: Any,
+    row_ids: Sequence[str],
+    max_listed: int,
+) -> list[dict[str, Any]]:
+    """A failed aggregate (a column's mean) names no rows of its own: list the rows furthest on
+    the wrong side of its bound, so the report says where to look."""
+    column = kwargs.get("column")
+    if column not in frame.columns or not isinstance(observed, int | float):
+        return []
+    high = kwargs.get("max_value")
+    too_high = high is not None and observed > high
+    ordered = frame.sort_values(column, ascending=not too_high, na_position="last")
+    shown = list(dict.fromkeys(c for c in (*row_ids, column) if c in frame.columns))
+    return _plain(ordered[shown].head(max_listed).to_dict("records"))
 
 
 def _validate(
@@ -196,7 +233,7 @@ def _validate(
             "unexpected_index_column_names": [c for c in row_ids if c in frame.columns],
         },
     )
-    return [_outcome(table, result) for result in run.results]
+    return [_outcome(table, result, frame, row_ids, max_listed) for result in run.results]
 
 
 def _read_json(path: Path) -> Any:
@@ -242,27 +279,34 @@ def check_manifest(manifest_path: str | Path, config: GatesConfig) -> GateReport
             value_set=[True],
             mostly=1.0 - bounds.max_undecodable_fraction,
             description=f"at most {bounds.max_undecodable_fraction:.1%} of images undecodable",
+            meta=_set_by("manifest.max_undecodable_fraction"),
         ),
         gxe.ExpectColumnValuesToBeInSet(
-            column="split", value_set=list(bounds.splits), description="splits are known"
+            column="split",
+            value_set=list(bounds.splits),
+            description="splits are known",
+            meta=_set_by("manifest.splits"),
         ),
         gxe.ExpectColumnValuesToBeBetween(
             column="width",
             min_value=bounds.min_width,
             row_condition=readable,
             description=f"decodable images are at least {bounds.min_width} pixels wide",
+            meta=_set_by("manifest.min_width"),
         ),
         gxe.ExpectColumnValuesToBeBetween(
             column="height",
             min_value=bounds.min_height,
             row_condition=readable,
             description=f"decodable images are at least {bounds.min_height} pixels high",
+            meta=_set_by("manifest.min_height"),
         ),
         gxe.ExpectColumnValuesToBeBetween(
             column="pixels",
             max_value=bounds.max_pixels,
             row_condition=readable,
             description=f"decodable images have at most {bounds.max_pixels} pixels",
+            meta=_set_by("manifest.max_pixels"),
         ),
     ]
     results = _validate(
@@ -408,21 +452,29 @@ def check_pseudolabels(
             column="score_missing", value_set=zero, description="every mask has a (non-NaN) score"
         ),
         gxe.ExpectColumnValuesToBeBetween(
-            column="score_min", min_value=bounds.min_score, description="scores are not too low"
+            column="score_min",
+            min_value=bounds.min_score,
+            description="scores are not too low",
+            meta=_set_by("pseudolabels.min_score"),
         ),
         gxe.ExpectColumnValuesToBeBetween(
-            column="score_max", max_value=bounds.max_score, description="scores are not too high"
+            column="score_max",
+            max_value=bounds.max_score,
+            description="scores are not too high",
+            meta=_set_by("pseudolabels.max_score"),
         ),
         gxe.ExpectColumnValuesToBeBetween(
             column="area_fraction_min",
             min_value=bounds.min_mask_area_fraction,
             strict_min=True,
             description=f"masks cover more than {bounds.min_mask_area_fraction} of their image",
+            meta=_set_by("pseudolabels.min_mask_area_fraction"),
         ),
         gxe.ExpectColumnValuesToBeBetween(
             column="area_fraction_max",
             max_value=bounds.max_mask_area_fraction,
             description=f"masks cover at most {bounds.max_mask_area_fraction} of their image",
+            meta=_set_by("pseudolabels.max_mask_area_fraction"),
         ),
         gxe.ExpectColumnValuesToBeInSet(
             column="rle_mismatches",
@@ -443,6 +495,7 @@ def check_pseudolabels(
             value_set=[True],
             mostly=1.0 - bounds.max_failed_fraction,
             description=f"at most {bounds.max_failed_fraction:.1%} of images failed",
+            meta=_set_by("pseudolabels.max_failed_fraction"),
         ),
         gxe.ExpectColumnPairValuesToBeEqual(
             column_A="read",
@@ -460,6 +513,7 @@ def check_pseudolabels(
             min_value=bounds.min_mean_labelled_fraction,
             description=f"merged maps label at least {bounds.min_mean_labelled_fraction:.0%} "
             "of pixels on average",
+            meta=_set_by("pseudolabels.min_mean_labelled_fraction"),
         ),
         gxe.ExpectColumnValuesToBeInSet(
             column="merged_classes",
@@ -549,6 +603,7 @@ def check_features(features_dir: str | Path, config: GatesConfig) -> GateReport:
             column="labelled_patch_fraction",
             min_value=bound,
             description=f"at least {bound:.0%} of patches carry a label",
+            meta=_set_by("features.min_labelled_patch_fraction"),
         ),
     ]
     context = _context()
@@ -585,12 +640,24 @@ def render_markdown(report: GateReport) -> str:
         rule = r.details.get("rule") or ""
         lines.append(f"| {mark} | `{r.expectation}` | {_cell(rule)} | {_cell(r.observed)} |")
     for r in report.results:
-        if r.success:
-            continue
-        lines += ["", f"## `{r.expectation}`", ""]
-        lines += [f"- error: {_cell(error)}" for error in r.details.get("errors", [])]
-        lines += [f"- {_cell(row)}" for row in r.details.get("rows", [])]
+        if not r.success:
+            lines += ["", *_failure_section(r)]
     return "\n".join(lines) + "\n"
+
+
+def _failure_section(result: ExpectationResult) -> list[str]:
+    """What was expected and measured, which param sets the bound, and the rows to look at."""
+    details = result.details
+    lines = [f"## `{result.expectation}`", "", f"- expected: {_cell(details.get('rule') or '')}"]
+    lines.append(f"- observed: {_cell(result.observed)}")
+    if PARAM in details:
+        lines.append(f"- bound set by: `{details[PARAM]}` in params.yaml")
+    lines += [f"- error: {_cell(error)}" for error in details.get("errors", [])]
+    rows = details.get("rows", [])
+    if rows:
+        lines.append(f"- rows (the first {len(rows)}, at most `gates.max_listed`):")
+        lines += [f"  - {_cell(row)}" for row in rows]
+    return lines
 
 
 def run_gate(report: GateReport, out_dir: str | Path) -> Path:

@@ -23,6 +23,7 @@ from fmbseg.gates import (
     check_features,
     check_manifest,
     check_pseudolabels,
+    render_markdown,
     run_gate,
 )
 from fmbseg.io.atomic import sha256_file
@@ -163,6 +164,19 @@ def test_a_bad_manifest_fails_naming_the_expectation_and_the_row(
     report = check_manifest(write(corrupt(manifest()), tmp_path / "m.parquet"), config)
     assert report.failed == [expectation]
     assert listed in [row["image_id"] for row in result(report, expectation).details["rows"]]
+    section = render_markdown(report).split(f"## `{expectation}`")[1]
+    assert listed in section
+
+
+def test_a_failed_bound_names_the_param_that_sets_it(tmp_path: Path) -> None:
+    frame = manifest().assign(width=[640] * 5 + [20] + [640] * 4)
+    report = check_manifest(write(frame, tmp_path / "m.parquet"), CONFIG)
+    expectation = "manifest.expect_column_values_to_be_between(width)"
+    assert report.failed == [expectation]
+    assert result(report, expectation).details["param"] == "gates.manifest.min_width"
+    section = render_markdown(report).split(f"## `{expectation}`")[1]
+    assert "- bound set by: `gates.manifest.min_width` in params.yaml" in section
+    assert '"image_id": "0005"' in section and '"width": 20' in section
 
 
 def test_undecodable_images_within_the_bound_pass_and_are_listed(tmp_path: Path) -> None:
@@ -250,11 +264,25 @@ def test_a_huge_share_of_unreadable_images_fails(scenes: Path, tmp_path: Path) -
 def test_the_mean_labelled_fraction_bound_comes_from_the_config(
     labelled: tuple[Path, Path],
 ) -> None:
-    strict = GatesConfig(pseudolabels={"min_mean_labelled_fraction": 0.99})
+    strict = GatesConfig(pseudolabels={"min_mean_labelled_fraction": 0.99}, max_listed=2)
     report = check_pseudolabels(*labelled, strict)
     expectation = "images.expect_column_mean_to_be_between(labelled_fraction)"
     assert report.failed == [expectation]
-    assert 0.1 < result(report, expectation).observed < 0.99
+    failed = result(report, expectation)
+    assert 0.1 < failed.observed < 0.99
+    # A mean names no rows by itself: the report lists the least labelled images, and the key.
+    assert failed.details["param"] == "gates.pseudolabels.min_mean_labelled_fraction"
+    fractions = [row["labelled_fraction"] for row in failed.details["rows"]]
+    assert len(fractions) == 2 and fractions == sorted(fractions)
+    every = [
+        image["labelled_fraction"]
+        for shard in sorted((labelled[1] / "shards").glob("*.json"))
+        for image in json.loads(shard.read_text(encoding="utf-8"))["images"]
+    ]
+    assert fractions == sorted(every)[:2]
+    section = render_markdown(report).split(f"## `{expectation}`")[1]
+    assert "`gates.pseudolabels.min_mean_labelled_fraction`" in section
+    assert all(row["image_id"] in section for row in failed.details["rows"])
 
 
 def test_a_merge_of_another_run_is_an_input_error(
