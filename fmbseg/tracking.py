@@ -43,6 +43,7 @@ ENV_TRACKING = "FMBSEG_TRACKING"
 ENV_EXPERIMENT = "FMBSEG_EXPERIMENT"
 ENV_PIPELINE_RUN = "FMBSEG_PIPELINE_RUN_ID"
 ENV_ARTIFACT_ROOT = "FMBSEG_ARTIFACT_ROOT"
+ENV_WORKER = "FMBSEG_WORKER"  # set by the sharded Prefect flow: which worker ran the stage
 DEFAULT_EXPERIMENT = "fmbseg"
 PIPELINE_RUN_NAME = "pipeline"
 PIPELINE_RECORDS = Path(".fmbseg") / "pipeline-runs"
@@ -51,6 +52,7 @@ PIPELINE_RECORDS = Path(".fmbseg") / "pipeline-runs"
 STAGE_TAG = "fmbseg.stage"
 PARENT_TAG = "mlflow.parentRunId"
 PREFECT_TAG = "prefect.flow_run_id"
+WORKER_TAG = "fmbseg.worker"
 DVC_DEP_PREFIX = "dvc.dep."
 # Every stage output recorded in dvc.lock when the stage started: the upstream data a model came
 # from (images, pseudo-labels, features), also when DVC skipped those stages in this execution.
@@ -444,6 +446,8 @@ def stage_run(
     tags.update({f"{DVC_UPSTREAM_PREFIX}{p}": md5 for p, md5 in upstream.items()})
     if dvc_stage := os.environ.get("DVC_STAGE"):
         tags["dvc.stage"] = dvc_stage
+    if worker := os.environ.get(ENV_WORKER):
+        tags[WORKER_TAG] = worker
     if flow_run := prefect_flow_run_id():
         tags[PREFECT_TAG] = flow_run
     for item in provenance:
