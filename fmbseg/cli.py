@@ -117,6 +117,19 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
 
 
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    _params_arguments(parser)
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="the page's default model (file, folder or URI)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=7860,
+        help="port on 127.0.0.1, 0 = any free (default: %(default)s)",
+    )
+
+
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     _params_arguments(parser)
     parser.add_argument("--dataset", required=True, help="a benchmark name or a dataset folder")
@@ -205,6 +218,12 @@ COMMANDS: tuple[Command, ...] = (
         "segment images with any class names (label and overlay PNGs)",
         "fmbseg.stages:predict",
         _predict_arguments,
+    ),
+    Command(
+        "demo",
+        "a local web page: upload an image, type classes, see and download the segmentation",
+        "fmbseg.web.app:command",
+        _demo_arguments,
     ),
     Command(
         "evaluate", "mIoU on a labelled dataset", "fmbseg.stages:evaluate", _evaluate_arguments
