@@ -34,7 +34,13 @@ class ClipConfig(FrozenConfig):
     pretrained: str | None = "openai"
     checkpoint: str | None = None
     allow_random_init: bool = False
-    dense_attention: Literal["maskclip", "clearclip", "sclip"] = "maskclip"
+    # Dense patch embeddings: a preset equal to its published last block (docs/method.md), and
+    # switches that override the preset's residual and MLP ("auto": the preset's own choice).
+    dense_attention: Literal["maskclip", "sclip", "clearclip", "naclip", "pixelclip"] = "clearclip"
+    dense_residual: Literal["auto", "none", "input", "cls"] = "auto"
+    dense_mlp: Literal["auto"] | bool = "auto"
+    # NACLIP's neighbourhood: std of the Gaussian over patch distances, in patches.
+    dense_neighbourhood_std: Annotated[float, Field(gt=0.0)] = 5.0
     batch_size: int = 16
 
 

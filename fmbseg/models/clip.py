@@ -8,21 +8,26 @@ pixel mean/std. A local checkpoint or weights-directory file replaces only the d
 Image path: blocks ``0..L-2`` run once; only the last block branches.
 
 - Class embedding: the ordinary last block, open_clip's pooling, ``ln_post`` and ``proj``.
-- Dense patch embeddings (``models.clip.dense_attention``), from ``ln_1`` of the last block's input:
+- Dense patch embeddings: the last block rebuilt from ``ln_1`` of its input ``x`` as one of the
+  published recipes (``models.clip.dense_attention``), each equal to its reference code:
 
-  - ``maskclip``: the value projection of every token, no token mixing (query-key attention
-    skipped);
-  - ``clearclip``: query-query attention, ``softmax(q qᵀ / √d) v``;
-  - ``sclip``: SCLIP's correlative attention, ``(softmax(q qᵀ / √d) + softmax(k kᵀ / √d)) v``;
+  ============  =================================================  ==============  =====
+  preset        token mixing (per head, scale ``1/√d``, CLS too)   residual        MLP
+  ============  =================================================  ==============  =====
+  ``maskclip``  none: the value projection of each token           block input     yes
+  ``sclip``     ``(softmax(q qᵀ) + softmax(k kᵀ)) v``              block input     yes
+  ``clearclip`` ``softmax(q qᵀ) v``                                none            no
+  ``naclip``    ``softmax(k kᵀ + Ω) v``, Ω a Gaussian over         none            no
+                patch-grid distances (0 for the class token)
+  ``pixelclip`` none: the value projection of each token           class token     yes
+  ============  =================================================  ==============  =====
 
-  then the attention's output projection (and layer scale, if any), ``ln_post`` and ``proj``.
-
-  The last block's residual connection and its FFN are dropped for all three. The residual
-  stream carries the image-level signal that ClearCLIP identifies as the main source of noise
-  in patch tokens, and the FFN was trained on that residual stream, so it would see inputs out
-  of its distribution. This is the recipe in METHOD.md. SCLIP's published code keeps both
-  around its attention; here the three options differ only in how tokens are mixed, which
-  makes them a clean ablation.
+  then the attention's output projection (and layer scale, if any), the residual, the MLP in
+  its residual form ``v + mlp(ln_2(v))``, ``ln_post`` and ``proj``; the class token is dropped
+  last. ``models.clip.dense_residual`` and ``models.clip.dense_mlp`` override the preset's
+  residual and MLP ("auto" keeps them), so recipes compose. ClearCLIP's analysis is why
+  Stage 1 defaults to ``clearclip``: the residual stream carries an image-level signal that
+  blurs where a class is (docs/method.md).
 
 Inputs of any size whose sides are multiples of the patch size work: the positional embedding
 grid is resized bicubically (as open_clip does when it loads weights) and cached per grid size.
@@ -33,8 +38,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import open_clip
 import torch
@@ -66,6 +72,52 @@ _UNSUPPORTED_VISION_OPTIONS = (
     "scale_attn",
     "scale_fc",
 )
+
+Residual = Literal["none", "input", "cls"]
+
+
+@dataclass(frozen=True)
+class DenseRecipe:
+    """How the last block makes dense embeddings: token mixing, residual, MLP."""
+
+    attention: str
+    residual: Residual
+    mlp: bool
+
+
+# Each preset's residual and MLP in its published code (see the module docstring).
+PUBLISHED_RESIDUAL_AND_MLP: dict[str, tuple[Residual, bool]] = {
+    "maskclip": ("input", True),
+    "sclip": ("input", True),
+    "clearclip": ("none", False),
+    "naclip": ("none", False),
+    "pixelclip": ("cls", True),
+}
+
+
+def dense_recipe(cfg: ClipConfig) -> DenseRecipe:
+    """The configured recipe, "auto" switches replaced by the preset's published choice."""
+    residual, mlp = PUBLISHED_RESIDUAL_AND_MLP[cfg.dense_attention]
+    return DenseRecipe(
+        attention=cfg.dense_attention,
+        residual=residual if cfg.dense_residual == "auto" else cfg.dense_residual,
+        mlp=mlp if cfg.dense_mlp == "auto" else cfg.dense_mlp,
+    )
+
+
+def neighbourhood_bias(grid: tuple[int, int], std: float) -> torch.Tensor:
+    """NACLIP's Ω over ``1 + rows*cols`` tokens: ``exp(-|p_i - p_j|² / 2σ²)`` between patch
+    positions on the grid (row-major), 0 in the class token's row and column."""
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float32),
+        torch.arange(grid[1], dtype=torch.float32),
+        indexing="ij",
+    )
+    positions = torch.stack([rows.flatten(), cols.flatten()], dim=1)
+    squared = torch.cdist(positions, positions).square()
+    bias = torch.zeros(1 + positions.shape[0], 1 + positions.shape[0])
+    bias[1:, 1:] = torch.exp(-squared / (2 * std**2))
+    return bias
 
 
 def build(models: ModelsConfig) -> OpenClipModel:
@@ -109,7 +161,9 @@ class OpenClipModel:
     ) -> None:
         self.network = network.eval().requires_grad_(False)
         self.provenance = provenance
-        self.dense_attention = cfg.dense_attention
+        self.dense = dense_recipe(cfg)
+        self._neighbourhood_std = cfg.dense_neighbourhood_std
+        self._neighbourhoods: dict[tuple[int, int], torch.Tensor] = {}
         self._tokenizer = tokenizer
         self._runtime = runtime
         self._batch_size = cfg.batch_size
@@ -171,9 +225,8 @@ class OpenClipModel:
             # open_clip's own pooling: class token or patch average, its final-norm placement.
             pooled, _ = visual._pool(last_block(tokens))
             image = pooled @ visual.proj
-            patches = (
-                visual.ln_post(self._dense_last_block(last_block, tokens)[:, 1:]) @ visual.proj
-            )
+            dense = self._dense_last_block(last_block, tokens, grid)
+            patches = visual.ln_post(dense)[:, 1:] @ visual.proj
         image = F.normalize(image.float(), dim=-1)
         patches = F.normalize(patches.float(), dim=-1).reshape(batch, *grid, -1)
         return image, patches
@@ -203,23 +256,42 @@ class OpenClipModel:
         return self._positions[grid]
 
     def _dense_last_block(
-        self, block: ResidualAttentionBlock, tokens: torch.Tensor
+        self, block: ResidualAttentionBlock, tokens: torch.Tensor, grid: tuple[int, int]
     ) -> torch.Tensor:
-        """The last block's attention branch with the configured token mixing; no residual, no FFN."""
+        """The last block as :attr:`dense` says: token mixing, then residual, then MLP."""
         attention = block.attn
         query, key, value = F.linear(
             block.ln_1(tokens), attention.in_proj_weight, attention.in_proj_bias
         ).chunk(3, dim=-1)
-        if self.dense_attention == "maskclip":
+        kind = self.dense.attention
+        if kind in ("maskclip", "pixelclip"):
             mixed = value
         else:
             heads = attention.num_heads
             query, key, value = (_split_heads(t, heads) for t in (query, key, value))
-            mixed = F.scaled_dot_product_attention(query, query, value)
-            if self.dense_attention == "sclip":
-                mixed = mixed + F.scaled_dot_product_attention(key, key, value)
+            if kind == "clearclip":
+                mixed = F.scaled_dot_product_attention(query, query, value)
+            elif kind == "sclip":
+                mixed = F.scaled_dot_product_attention(
+                    query, query, value
+                ) + F.scaled_dot_product_attention(key, key, value)
+            else:  # naclip
+                bias = self._neighbourhood_bias(grid).to(key.device, key.dtype)
+                mixed = F.scaled_dot_product_attention(key, key, value, attn_mask=bias)
             mixed = _merge_heads(mixed)
-        return block.ls_1(attention.out_proj(mixed))
+        out = block.ls_1(attention.out_proj(mixed))
+        if self.dense.residual == "input":
+            out = out + tokens
+        elif self.dense.residual == "cls":
+            out = out + tokens[:, :1]
+        if self.dense.mlp:
+            out = out + block.ls_2(block.mlp(block.ln_2(out)))
+        return out
+
+    def _neighbourhood_bias(self, grid: tuple[int, int]) -> torch.Tensor:
+        if grid not in self._neighbourhoods:
+            self._neighbourhoods[grid] = neighbourhood_bias(grid, self._neighbourhood_std)
+        return self._neighbourhoods[grid]
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0:

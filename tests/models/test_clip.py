@@ -8,6 +8,7 @@ an independent computation from the model's own weights (open_clip's forward, or
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from fmbseg.config import ClipConfig, ModelsConfig
+from fmbseg.config import ClipConfig, ModelsConfig, load_params
 from fmbseg.errors import ConfigError, WeightsError
 from fmbseg.models.base import VisionLanguageModel
 from fmbseg.models.clip import OpenClipModel, build
@@ -107,39 +108,99 @@ def open_clip_at_size(model: OpenClipModel, height: int, width: int) -> torch.nn
     return reference
 
 
-def direct_dense(reference: torch.nn.Module, pixels: torch.Tensor, mixing: str) -> torch.Tensor:
-    """Dense embeddings written out by hand from the weights, head by head."""
+# Residual and MLP of each preset's last block, as its published code has them.
+PUBLISHED_TAILS = {
+    # chongzhou96/MaskCLIP mmseg/models/backbones/vit.py, TransformerEncoderLayer.forward with
+    # return_qkv: ``v += x`` then ``v = ffn(norm2(v), identity=v)``.
+    "maskclip": ("input", True),
+    # wangf3014/SCLIP clip/model.py VisionTransformer.forward, last block:
+    # ``x = x + custom_attn(...)`` then ``x = x + mlp(ln_2(x))``.
+    "sclip": ("input", True),
+    # mc-lan/ClearCLIP open_clip/transformer.py VisionTransformer.forward, ignore_residual=True
+    # (its default): ``output += custom_attn(...)``, the residual and MLP left out.
+    "clearclip": ("none", False),
+    # sinahmr/NACLIP clip/model.py VisionTransformer.forward, arch="reduced" (naclip.py's
+    # default): ``x = custom_attn(...)``.
+    "naclip": ("none", False),
+    # cvlab-kaist/PixelCLIP third_party/model.py forward_dense (shared/PIXELCLIP.md, section 2):
+    # ``v + x_CLS`` then ``v + MLP(ln_2(v))``.
+    "pixelclip": ("cls", True),
+}
+PRESETS = sorted(PUBLISHED_TAILS)
+
+
+def naclip_omega(rows: int, cols: int, std: float) -> torch.Tensor:
+    """NACLIP's attention addition, pair by pair: a Gaussian of the distance between two patch
+    positions (row-major tokens after the class token), std in patches; 0 for the class token."""
+    omega = torch.zeros(1 + rows * cols, 1 + rows * cols)
+    for i in range(rows * cols):
+        for j in range(rows * cols):
+            (row_i, col_i), (row_j, col_j) = divmod(i, cols), divmod(j, cols)
+            squared = (row_i - row_j) ** 2 + (col_i - col_j) ** 2
+            omega[1 + i, 1 + j] = math.exp(-squared / (2 * std**2))
+    return omega
+
+
+def direct_dense(
+    reference: torch.nn.Module,
+    pixels: torch.Tensor,
+    attention: str,
+    residual: str,
+    mlp: bool,
+    std: float = 5.0,
+) -> torch.Tensor:
+    """Dense embeddings written out by hand from the weights, head by head.
+
+    What the published code does, in every preset: the attention runs over all tokens, the
+    class token included; logits are scaled by ``head_dim ** -0.5`` (q·q and k·k alike); each
+    head's weights multiply its own values, heads are concatenated and ``out_proj`` applied;
+    ``ln_post`` and ``proj`` act on every token and the class token is dropped afterwards.
+    """
     visual = reference.visual
     blocks = visual.transformer.resblocks
     out = visual.forward_intermediates(
         pixels, indices=[len(blocks) - 2], output_fmt="NLC", output_extra_tokens=True
     )
-    tokens = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], 1)
+    x = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], 1)
     last = blocks[-1]
-    width, heads = tokens.shape[-1], last.attn.num_heads
+    width, heads = x.shape[-1], last.attn.num_heads
     weight, bias = last.attn.in_proj_weight, last.attn.in_proj_bias
-    normed = last.ln_1(tokens)
+    normed = last.ln_1(x)
     q, k, v = (
         normed @ weight[i * width : (i + 1) * width].T + bias[i * width : (i + 1) * width]
         for i in range(3)
     )
-    if mixing == "maskclip":
-        mixed = v
+    if attention in ("maskclip", "pixelclip"):
+        mixed = v  # the value path: no token mixing at all
     else:
         head_width = width // heads
+        scale = head_width**-0.5
+        grid = (pixels.shape[-2] // 16, pixels.shape[-1] // 16)
         outputs = []
         for h in range(heads):
             cols = slice(h * head_width, (h + 1) * head_width)
             qh, kh, vh = q[..., cols], k[..., cols], v[..., cols]
-            weights = torch.softmax(qh @ qh.transpose(1, 2) / math.sqrt(head_width), dim=-1)
-            if mixing == "sclip":
-                weights = weights + torch.softmax(
-                    kh @ kh.transpose(1, 2) / math.sqrt(head_width), dim=-1
+            if attention == "clearclip":
+                weights = torch.softmax(qh @ qh.transpose(1, 2) * scale, dim=-1)
+            elif attention == "sclip":
+                weights = torch.softmax(qh @ qh.transpose(1, 2) * scale, dim=-1) + torch.softmax(
+                    kh @ kh.transpose(1, 2) * scale, dim=-1
                 )
+            else:  # naclip: k-k logits plus the neighbourhood, one softmax
+                logits = kh @ kh.transpose(1, 2) * scale + naclip_omega(*grid, std)
+                weights = torch.softmax(logits, dim=-1)
             outputs.append(weights @ vh)
         mixed = torch.cat(outputs, dim=-1)
-    attended = mixed @ last.attn.out_proj.weight.T + last.attn.out_proj.bias
-    projected = visual.ln_post(attended[:, 1:]) @ visual.proj
+    y = mixed @ last.attn.out_proj.weight.T + last.attn.out_proj.bias
+    if residual == "input":
+        y = y + x
+    elif residual == "cls":
+        y = y + x[:, :1]
+    if mlp:
+        assert isinstance(last.mlp.gelu, torch.nn.GELU)  # the tiny config is not QuickGELU
+        hidden = F.gelu(last.ln_2(y) @ last.mlp.c_fc.weight.T + last.mlp.c_fc.bias)
+        y = y + hidden @ last.mlp.c_proj.weight.T + last.mlp.c_proj.bias
+    projected = visual.ln_post(y)[:, 1:] @ visual.proj
     return F.normalize(projected, dim=-1)
 
 
@@ -351,33 +412,97 @@ def test_class_embedding_at_other_sizes_equals_open_clip_with_resized_positions(
     assert torch.allclose(random_clip.encode_images(pixels).image, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("mixing", ["maskclip", "clearclip", "sclip"])
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize(("height", "width"), [(64, 64), (48, 80)])
-def test_dense_embeddings_equal_the_last_block_written_out_by_hand(
-    random_clip: OpenClipModel, checkpoint: Path, mixing: str, height: int, width: int
+def test_each_dense_preset_equals_its_published_last_block(
+    random_clip: OpenClipModel, checkpoint: Path, preset: str, height: int, width: int
 ) -> None:
-    model = build(models_config(checkpoint=str(checkpoint), dense_attention=mixing))
+    """Random-init weights; the reference is the published block written out per head."""
+    model = build(models_config(checkpoint=str(checkpoint), dense_attention=preset))
     pixels = images(height, width)
     reference = open_clip_at_size(random_clip, height, width)
-    expected = direct_dense(reference, open_clip_pixels(random_clip, pixels), mixing)
+    expected = direct_dense(
+        reference, open_clip_pixels(random_clip, pixels), preset, *PUBLISHED_TAILS[preset]
+    )
 
     patches = model.encode_images(pixels).patches
     assert torch.allclose(patches.flatten(1, 2), expected, atol=1e-5)
 
 
-def test_token_mixing_changes_patches_only(checkpoint: Path) -> None:
+@pytest.mark.parametrize(
+    ("preset", "residual", "mlp"),
+    [
+        ("maskclip", "none", False),  # ClearCLIP's code, model_type="MaskCLIP"
+        ("clearclip", "input", True),  # ClearCLIP's code, ignore_residual=False
+        ("naclip", "input", True),  # NACLIP's code, arch="vanilla"
+        ("sclip", "cls", False),
+        ("pixelclip", "none", True),
+    ],
+)
+def test_residual_and_mlp_switches_compose_with_every_token_mixing(
+    random_clip: OpenClipModel, checkpoint: Path, preset: str, residual: str, mlp: bool
+) -> None:
+    model = build(
+        models_config(
+            checkpoint=str(checkpoint),
+            dense_attention=preset,
+            dense_residual=residual,
+            dense_mlp=mlp,
+        )
+    )
+    pixels = images(48, 80)
+    reference = open_clip_at_size(random_clip, 48, 80)
+    expected = direct_dense(reference, open_clip_pixels(random_clip, pixels), preset, residual, mlp)
+    assert torch.allclose(model.encode_images(pixels).patches.flatten(1, 2), expected, atol=1e-5)
+
+
+def test_naclip_neighbourhood_std_is_used_in_patches(
+    random_clip: OpenClipModel, checkpoint: Path
+) -> None:
+    """A narrow neighbourhood (1 patch) on a non-square grid: rows and columns must not swap."""
+    model = build(
+        models_config(
+            checkpoint=str(checkpoint), dense_attention="naclip", dense_neighbourhood_std=1.0
+        )
+    )
+    pixels = images(48, 80)
+    reference = open_clip_at_size(random_clip, 48, 80)
+    normalised = open_clip_pixels(random_clip, pixels)
+    expected = direct_dense(reference, normalised, "naclip", "none", False, std=1.0)
+    patches = model.encode_images(pixels).patches.flatten(1, 2)
+    assert torch.allclose(patches, expected, atol=1e-5)
+    default_std = direct_dense(reference, normalised, "naclip", "none", False, std=5.0)
+    assert not torch.allclose(patches, default_std, atol=1e-3)
+
+
+def test_dense_presets_change_patches_only(checkpoint: Path) -> None:
     pixels = images(64, 96)
     outputs = {
-        mixing: build(
-            models_config(checkpoint=str(checkpoint), dense_attention=mixing)
+        preset: build(
+            models_config(checkpoint=str(checkpoint), dense_attention=preset)
         ).encode_images(pixels)
-        for mixing in ("maskclip", "clearclip", "sclip")
+        for preset in PRESETS
     }
-    for mixing in ("clearclip", "sclip"):
-        assert outputs[mixing].patches.shape == outputs["maskclip"].patches.shape
-        assert not torch.allclose(outputs[mixing].patches, outputs["maskclip"].patches, atol=1e-3)
-        assert torch.equal(outputs[mixing].image, outputs["maskclip"].image)
-    assert not torch.allclose(outputs["clearclip"].patches, outputs["sclip"].patches, atol=1e-3)
+    for first, second in itertools.combinations(PRESETS, 2):
+        assert torch.equal(outputs[first].image, outputs[second].image)
+        assert not torch.allclose(outputs[first].patches, outputs[second].patches, atol=1e-3)
+
+
+def test_dense_switches_default_to_the_stage_1_choice_and_refuse_unknown_values() -> None:
+    clip = load_params(overrides=[]).models.clip
+    assert (clip.dense_attention, clip.dense_residual, clip.dense_mlp) == (
+        "clearclip",
+        "auto",
+        "auto",
+    )
+    for override in (
+        "models.clip.dense_attention=gem",
+        "models.clip.dense_residual=both",
+        "models.clip.dense_mlp=sometimes",
+        "models.clip.dense_neighbourhood_std=0",
+    ):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            load_params(overrides=[override])
 
 
 def test_images_are_batched_without_changing_results(checkpoint: Path) -> None:
