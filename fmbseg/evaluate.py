@@ -1,7 +1,8 @@
 """mIoU of a trained segmenter (or of Stage 1 alone) on a labelled dataset folder.
 
-Outputs: ``metrics.json`` (mIoU, pixel accuracy, per-class IoU; for DVC metrics),
-``per_class.csv`` (for DVC plots), ``confusion.json`` and ``confusion.png``.
+Outputs: ``metrics.json`` (the summary for DVC metrics: mIoU, pixel accuracy, images, class
+counts; the same keys in every run, so ``dvc exp show`` stays narrow), ``per_class.csv`` (IoU
+per class, for DVC plots) and ``per_class.png``, ``confusion.json`` and ``confusion.png``.
 
 Stage 1 alone (the paper's training-free variant) is scored from a merge folder's label maps:
 its vocabulary must be the dataset's classes; pixels it leaves unlabelled count as background
@@ -114,23 +115,37 @@ def run_evaluate(
     }
 
 
+SUMMARY_KEYS = ("mIoU", "pixel_accuracy", "images", "classes", "classes_present")
+"""What ``metrics.json`` holds; per-class IoU lives in ``per_class.csv`` only (which classes
+are present changes from run to run)."""
+
+
 def write_results(
     matrix: ConfusionMatrix, names: tuple[str, ...], out: Path, extra: bool, images: int
 ) -> dict[str, Any]:
+    """Write the reports; returns the summary plus ``per_class`` (IoU by class name)."""
+    from fmbseg.charts import write_iou_bars_png
+
     columns = (*names, UNLABELLED) if extra else names
     metrics = matrix.metrics(columns)
     if extra:
         metrics["mIoU"] = float(np.nanmean(matrix.iou()[: len(names)]))
         metrics["per_class"].pop(UNLABELLED, None)
-    metrics["images"] = images
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
+    iou = [metrics["per_class"].get(name.replace("@", "_")) for name in names]
+    metrics |= {
+        "images": images,
+        "classes": len(names),
+        "classes_present": sum(value is not None for value in iou),
+    }
+    summary = {key: metrics[key] for key in SUMMARY_KEYS}
+    write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2, ensure_ascii=False))
     table = io.StringIO()
     writer = csv.writer(table)
     writer.writerow(["class", "iou"])
-    for name in names:
-        value = metrics["per_class"].get(name)
+    for name, value in zip(names, iou, strict=True):
         writer.writerow([name, "" if value is None else f"{value:.6f}"])
     write_text_atomic(out / "per_class.csv", table.getvalue())
+    write_iou_bars_png(out / "per_class.png", names, iou)
     matrix.save(out / "confusion.json")
     matrix.plot(out / "confusion.png", columns)
     return metrics

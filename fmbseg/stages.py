@@ -174,7 +174,11 @@ def train(args: argparse.Namespace) -> int:
             on_epoch=log_epoch,
             restart_if_changed=args.restart_if_changed,
         )
-        _record(run, metrics, [out / "metrics.json", out / "loss.csv", out / "model.json"])
+        _record(
+            run,
+            metrics,
+            [out / name for name in ("metrics.json", "loss.csv", "loss.png", "model.json")],
+        )
     _print(metrics)
     return 0
 
@@ -279,7 +283,10 @@ def evaluate(args: argparse.Namespace) -> int:
         _record(
             run,
             {key: metrics[key] for key in ("mIoU", "pixel_accuracy", "images", "provenance")},
-            [out / name for name in ("metrics.json", "per_class.csv", "confusion.png")],
+            [
+                out / name
+                for name in ("metrics.json", "per_class.csv", "per_class.png", "confusion.png")
+            ],
         )
     _print({key: metrics[key] for key in ("mIoU", "pixel_accuracy", "images")})
     return 0

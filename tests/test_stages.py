@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,35 @@ def test_evaluate_names_unknown_and_missing_datasets(tmp_path: Path) -> None:
     missing = subprocess.run([*command, "voc21"], capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode == 2
     assert "not downloaded yet; run: fmbseg download voc21" in missing.stderr
+
+
+def test_train_and_evaluate_log_their_charts_as_mlflow_artifacts(
+    oracle_run, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every chart can be seen offline: the PNGs beside loss.csv and per_class.csv are artifacts
+    of the stage's MLflow run."""
+    import mlflow
+
+    from fmbseg.cli import main
+
+    dataset = tmp_path / "dataset"
+    shutil.copytree(oracle_run.scenes / "images", dataset / "images" / "val")
+    shutil.copytree(oracle_run.scenes / "labels", dataset / "masks" / "val")
+    (dataset / "classes.txt").write_text("\n".join(OracleWorld().class_names), encoding="utf-8")
+    features = oracle_run.module.parents[1] / "features"
+    monkeypatch.chdir(tmp_path)
+    small = ["-S", "inference.short_side=64", "-S", "inference.window=64"]
+    train = ["train", *ORACLE, "--features", str(features), "--out", "model"]
+    evaluate = ["evaluate", *ORACLE, *small, "--dataset", "dataset", "--split", "val"]
+    assert main(["-q", *train]) == 0
+    assert main(["-q", *evaluate, "--model", "model/module.safetensors", "--out", "eval"]) == 0
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(client.search_experiments()[0].experiment_id.split())
+    logged = {
+        run.data.tags["fmbseg.stage"]: {
+            item.path for item in client.list_artifacts(run.info.run_id)
+        }
+        for run in runs
+    }
+    assert {"loss.csv", "loss.png"} <= logged["train"]
+    assert {"per_class.csv", "per_class.png", "confusion.png"} <= logged["evaluate"]

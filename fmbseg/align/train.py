@@ -9,7 +9,7 @@ Output folder::
     checkpoints/epoch_NNN.safetensors  module weights, SGD momentum, every step's loss so far
     checkpoints/latest.json            epoch, step, optimiser and scheduler state, sha256 of the
                                        tensors file; written last, so it names a whole checkpoint
-    loss.csv                           step, epoch, loss (for DVC plots)
+    loss.csv, loss.png                 step, epoch, loss (for DVC plots) and its chart
     metrics.json                       final loss, epochs, steps, seconds
     module.safetensors, module.json    the trained module (see :mod:`fmbseg.align.module`)
     model.json                         method "fmbseg" and the files of the trained model, last
@@ -58,6 +58,7 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest.json"
 MODULE_FILE = "module.safetensors"
 LOSS_FILE = "loss.csv"
+LOSS_CHART = "loss.png"
 METRICS_FILE = "metrics.json"
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -256,7 +257,8 @@ def run_train(
             raise WeightsError(f"{train.init_from}: train.init_from module not found")
         init_sha = sha256_file(train.init_from)
     record = {
-        "train": train.model_dump(mode="json"),
+        # Other methods' blocks do not change this method's run.
+        "train": train.model_dump(mode="json", exclude={"fusioner"}),
         "templates": list(params.pseudolabel.templates),
         "text": params.models.text.model_dump(mode="json")
         | {"clip": params.models.clip.model_dump(mode="json")},
@@ -272,6 +274,7 @@ def run_train(
         own_files=(
             TEXT_FILE,
             LOSS_FILE,
+            LOSS_CHART,
             METRICS_FILE,
             MODULE_FILE,
             architecture_path(MODULE_FILE).name,
@@ -379,9 +382,12 @@ def _fit(
 def _write_curves(
     out: Path, losses: list[float], steps_per_epoch: int, seconds: float, shards: FeatureShards
 ) -> dict[str, Any]:
+    from fmbseg.charts import write_loss_png
+
     rows = ["step,epoch,loss"]
     rows += [f"{s + 1},{s // steps_per_epoch + 1},{loss!r}" for s, loss in enumerate(losses)]
     write_text_atomic(out / LOSS_FILE, "\n".join(rows) + "\n")
+    write_loss_png(out / LOSS_CHART, losses, steps_per_epoch)
     epochs = len(losses) // steps_per_epoch
     metrics = {
         "final_loss": float(np.mean(losses[-steps_per_epoch:])),

@@ -135,6 +135,7 @@ def test_run_writes_loss_curve_metrics_module_and_one_checkpoint(reference: Path
     rows = (reference / "loss.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "step,epoch,loss" and len(rows) == 1 + EPOCHS * STEPS_PER_EPOCH
     assert rows[-1].startswith(f"{EPOCHS * STEPS_PER_EPOCH},{EPOCHS},")
+    assert (reference / "loss.png").read_bytes().startswith(b"\x89PNG")  # readable offline
     record = json.loads((reference / "module.json").read_text(encoding="utf-8"))
     assert record["text_embeddings"] == "text_embeddings.safetensors"
     assert record["vocabulary"] == list(WORLD.class_names) and record["encoder"] == "oracle"
