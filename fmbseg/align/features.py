@@ -21,7 +21,9 @@ Output folder::
     run.json                  fingerprint: params, vocabulary, label run, bytes of every image
                               and label map
     shards/NNNNN.safetensors  features (n, h, w, C) float16; labels (n, h, w) int16 (int32 for
-                              vocabularies over 32767 classes), -1 = ignored
+                              vocabularies over 32767 classes), -1 = ignored; with
+                              ``features.label_map_size`` S > 0 also label_maps (n, S, S), the
+                              label map nearest-resized, -1 = unlabelled (Fusioner's targets)
     shards/NNNNN.json         image ids, shapes, sha256 of the .safetensors, encoder provenance,
                               failed images; written last, so it marks the shard finished
     index.json                every shard with its shapes and sha256, vocabulary, encoder, totals;
@@ -163,8 +165,11 @@ class _ShardWriter:
         self.size = params.features.image_size
         self.grid = self.size // encoder.patch_size
 
-    def _prepare(self, key: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Resized image (3, S, S) float32 in [0, 1] and its patch labels (h, w)."""
+    def _prepare(
+        self, key: str, image: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Resized image (3, S, S) float32 in [0, 1], its patch labels (h, w) and, when
+        ``features.label_map_size`` is set, its label map at that size (-1 = unlabelled)."""
         from PIL import Image
 
         label_file = label_map_path(self.labels_root, key)
@@ -190,7 +195,11 @@ class _ShardWriter:
             raise InputError(f"{label_file}: {exc}") from None
         resized = Image.fromarray(image).resize((self.size, self.size), Image.Resampling.BILINEAR)
         pixels = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        return pixels, labels
+        map_size = self.params.features.label_map_size
+        small = resize_nearest(label_map, map_size) if map_size else None
+        if small is not None:
+            small = np.where(small == IGNORE_LABEL, IGNORE_PATCH, small)
+        return pixels, labels, small
 
     def _encode(self, batch: list[np.ndarray], keys: list[str]) -> np.ndarray:
         import torch
@@ -221,6 +230,8 @@ class _ShardWriter:
         labels = np.empty(
             (len(shard.image_ids), self.grid, self.grid), label_dtype(self.num_classes)
         )
+        map_size = self.params.features.label_map_size
+        label_maps = np.empty((len(shard.image_ids), map_size, map_size), labels.dtype)
         batch: list[np.ndarray] = []
         batch_keys: list[str] = []
 
@@ -244,8 +255,10 @@ class _ShardWriter:
                 log.warning("skipped %s", exc)
                 progress.update(1)
                 continue
-            pixels, patch = self._prepare(key, image)
+            pixels, patch, label_map = self._prepare(key, image)
             labels[len(kept) + len(batch)] = patch
+            if label_map is not None:
+                label_maps[len(kept) + len(batch)] = label_map
             batch.append(pixels)
             batch_keys.append(key)
             if len(batch) == self.params.models.encoder.batch_size:
@@ -261,7 +274,10 @@ class _ShardWriter:
         }
         if features is not None:
             count = len(kept)
-            data = save({"features": features[:count], "labels": labels[:count]})
+            tensors = {"features": features[:count], "labels": labels[:count]}
+            if map_size:
+                tensors["label_maps"] = label_maps[:count]
+            data = save(tensors)
             file = out / SHARD_DIR / f"{shard.name}.safetensors"
             with atomic_write(file) as handle:
                 handle.write(data)
@@ -321,7 +337,10 @@ def run_cache_features(
         for i in range(0, len(labelled), per_shard)
     ]
     record = {
-        "features": params.features.model_dump(mode="json"),
+        # A key left at its default that older caches lacked keeps their fingerprint.
+        "features": params.features.model_dump(
+            mode="json", exclude=set() if params.features.label_map_size else {"label_map_size"}
+        ),
         "encoder": params.models.encoder.model_dump(mode="json"),
         "precision": params.models.precision,
         "vocabulary": list(vocabulary),
@@ -403,6 +422,7 @@ def _write_index(
         "grid": [grid_h, grid_w],
         "dim": dim,
         "labels_dtype": label_dtype(len(vocabulary)).name,
+        "label_map_size": params.features.label_map_size,
         "images": images,
         "labelled_patch_fraction": sum(info["labelled_patches"] for info in stored) / patches,
         "failed_images": failed,
@@ -428,6 +448,7 @@ class FeatureShard:
     image_ids: tuple[str, ...]
     features: torch.Tensor
     labels: torch.Tensor
+    label_maps: torch.Tensor | None = None  # (n, S, S), -1 = unlabelled; caches that stored them
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -448,6 +469,8 @@ class FeatureShards:
             self.dim = int(self.index["dim"])
             self.encoder: dict[str, Any] = dict(self.index["encoder"])
             self._shards: list[dict[str, Any]] = list(self.index["shards"])
+            # Caches from before label maps were stored hold none (0).
+            self.label_map_size = int(self.index.get("label_map_size", 0))
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{index_file}: not a feature-cache index ({exc})") from None
         identity = {
@@ -512,4 +535,15 @@ class FeatureShards:
             raise InputError(
                 f"{file}: labels outside [-1, {len(self.vocabulary)}) for its vocabulary; {hint}"
             )
-        return FeatureShard(Path(entry["file"]).stem, tuple(entry["images"]), features, labels)
+        label_maps = tensors.get("label_maps")
+        size = self.label_map_size
+        if size and (
+            label_maps is None
+            or list(label_maps.shape) != [len(entry["images"]), size, size]
+            or label_maps.dtype != labels.dtype
+            or bool(((label_maps < IGNORE_PATCH) | (label_maps >= len(self.vocabulary))).any())
+        ):
+            raise InputError(f"{file}: label_maps missing or not {size}x{size} labels; {hint}")
+        return FeatureShard(
+            Path(entry["file"]).stem, tuple(entry["images"]), features, labels, label_maps
+        )
