@@ -91,7 +91,7 @@ def _positive_logit_sums(z: torch.Tensor, y: torch.Tensor, num_classes: int) -> 
 def _mean_over_positive_patches(
     positive_log_prob_sums: torch.Tensor, num_positives: torch.Tensor
 ) -> torch.Tensor:
-    """SupCon averaging: mean over positives per patch, then over patches having any; else 0."""
+    """L_patch averaging: mean over positives per patch, then over patches having any; else 0."""
     has_positive = num_positives > 0
     per_patch = torch.where(
         has_positive,
@@ -161,7 +161,11 @@ def supcon_loss(
 ) -> torch.Tensor:
     """Ablation: patch-patch supervised contrastive loss only; text embeddings are unused.
 
-    ``text_embeddings`` is still required (and validated) so all losses are interchangeable.
+    Averaged as HobbitLong/SupContrast's ``SupConLoss`` does (losses.py): every labelled patch
+    is an anchor, and one without a positive counts in the mean with a loss of 0 (its positive
+    count is replaced by 1 over an all-zero mask). Its ``temperature / base_temperature`` factor
+    (1 at its defaults) is left out. ``text_embeddings`` is still required (and validated) so
+    all losses are interchangeable.
     """
     z, y, t = _prepare(patch_embeddings, labels, text_embeddings, temperature, ignore_index)
     num_labelled = z.shape[0]
@@ -176,7 +180,7 @@ def supcon_loss(
     positive_log_prob_sums = (
         _positive_logit_sums(z, y, t.shape[0]) / temperature - num_positives * log_denominator
     )
-    return _mean_over_positive_patches(positive_log_prob_sums, num_positives)
+    return -(positive_log_prob_sums / num_positives.clamp(min=1)).sum() / num_labelled
 
 
 LOSSES: dict[str, LossFn] = {

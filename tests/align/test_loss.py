@@ -80,16 +80,20 @@ def reference_cross_entropy(z, y, t, tau, ignore_index=IGNORE) -> float:
 
 
 def reference_supcon(z, y, t, tau, ignore_index=IGNORE) -> float:
+    """SupContrast's averaging: every labelled patch is an anchor; one without a positive adds 0."""
     z, y, _ = _unpack(z, y, t, ignore_index)
     labelled = range(len(y))
+    if len(y) < 2:
+        return 0.0
     terms = []
     for i in labelled:
         positives = [p for p in labelled if p != i and y[p] == y[i]]
         if not positives:
+            terms.append(0.0)
             continue
         log_d = math.log(math.fsum(math.exp(_dot(z[i], z[j]) / tau) for j in labelled if j != i))
         terms.append(-sum(_dot(z[i], z[p]) / tau - log_d for p in positives) / len(positives))
-    return sum(terms) / len(terms) if terms else 0.0
+    return sum(terms) / len(terms)
 
 
 REFERENCES = {
@@ -152,6 +156,39 @@ def test_float64_inputs_are_computed_in_float64(name: str) -> None:
     got = get_loss(name)(z, y, t, 0.1)
     assert got.dtype == torch.float64
     assert got.item() == pytest.approx(REFERENCES[name](z, y, t, 0.1), rel=1e-12, abs=1e-12)
+
+
+def test_supcon_anchors_without_a_positive_count_as_zero_in_the_mean() -> None:
+    """Patches 0 and 1 share a class, patch 2 is alone: the mean is over 3 anchors, not 2."""
+    z, y, t = random_inputs([0, 0, 1], num_classes=2, seed=3)
+    tau = 0.2
+    z64 = z.double()
+    pair_terms = []
+    for i, j in [(0, 1), (1, 0)]:
+        others = [k for k in range(3) if k != i]
+        log_d = torch.logsumexp(torch.stack([z64[i] @ z64[k] / tau for k in others]), dim=0)
+        pair_terms.append(-(z64[i] @ z64[j] / tau - log_d))
+    assert supcon_loss(z, y, t, tau).item() == pytest.approx(sum(pair_terms).item() / 3, rel=1e-6)
+
+
+def test_supcon_equals_supcontrast_masked_formula_with_one_view() -> None:
+    """HobbitLong/SupContrast losses.py with n_views = 1 and temperature = base_temperature:
+    log-probabilities over all other samples, positives averaged over ``mask.sum(1)`` with
+    counts below 1e-6 replaced by 1, then the mean over every anchor."""
+    labels, num_classes = SCENARIOS["random_with_ignored"]
+    z, y, t = random_inputs(labels, num_classes, seed=6)
+    tau = 0.07
+    kept = y != IGNORE
+    features, targets = z[kept].double(), y[kept]
+    logits = features @ features.T / tau
+    logits = logits - logits.max(dim=1, keepdim=True).values
+    not_self = 1.0 - torch.eye(len(targets), dtype=torch.float64)
+    positives = (targets[:, None] == targets[None, :]).double() * not_self
+    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
+    counts = positives.sum(1)
+    counts = torch.where(counts < 1e-6, torch.ones_like(counts), counts)
+    expected = -((positives * log_prob).sum(1) / counts).mean()
+    assert supcon_loss(z, y, t, tau).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_fmbseg_without_positives_is_the_class_averaged_text_term() -> None:
