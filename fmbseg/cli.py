@@ -130,6 +130,14 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    _params_arguments(parser)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="trained model or MLflow URI")
+    parser.add_argument("--classes", required=True, help='"cat,dog,grass" or a file, one per line')
+    parser.add_argument("--format", choices=["onnx"], default="onnx", help="(default: %(default)s)")
+    parser.add_argument("--out", required=True, help="output folder (replaced whole)")
+
+
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     _params_arguments(parser)
     parser.add_argument("--dataset", required=True, help="a benchmark name or a dataset folder")
@@ -242,6 +250,12 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "lineage", "what produced a registered model", "fmbseg.commands:lineage", _lineage_arguments
+    ),
+    Command(
+        "export",
+        "export a trained model's image side and a vocabulary for onnxruntime (no torch)",
+        "fmbseg.commands:export",
+        _export_arguments,
     ),
     Command(
         "bench",

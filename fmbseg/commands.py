@@ -19,6 +19,15 @@ def params_from_args(args: argparse.Namespace) -> Params:
     return load_params(path, args.overrides)
 
 
+def class_names_argument(value: str) -> tuple[str, ...]:
+    """``--classes`` is a comma-separated list, or a class-name file."""
+    from fmbseg.models.vocabulary import read_vocabulary_file, validate_vocabulary
+
+    if Path(value).is_file():
+        return read_vocabulary_file(value)
+    return validate_vocabulary(value.split(","))
+
+
 def show_config(args: argparse.Namespace) -> int:
     print(to_yaml(params_from_args(args)), end="")
     return 0
@@ -43,4 +52,16 @@ def lineage(args: argparse.Namespace) -> int:
     from fmbseg.lineage import lineage as model_lineage
 
     print(format_lineage(model_lineage(args.model)))
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    import json
+
+    from fmbseg.export import export_onnx
+
+    record = export_onnx(
+        params_from_args(args), args.model, class_names_argument(args.classes), args.out
+    )
+    print(json.dumps({key: record[key] for key in ("method", "vocabulary", "files")}, indent=2))
     return 0

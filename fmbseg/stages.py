@@ -15,10 +15,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fmbseg.commands import params_from_args
+from fmbseg.commands import class_names_argument, params_from_args
 from fmbseg.config import Params
 from fmbseg.errors import InputError
-from fmbseg.models.vocabulary import read_vocabulary_file, validate_vocabulary
+from fmbseg.models.vocabulary import read_vocabulary_file
 
 
 def read_image_labels(path: str | Path) -> dict[str, list[str]]:
@@ -227,22 +227,13 @@ def manifest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _class_names_argument(value: str) -> tuple[str, ...]:
-    """``--classes`` is a comma-separated list, or a class-name file."""
-    return (
-        read_vocabulary_file(value)
-        if Path(value).is_file()
-        else validate_vocabulary(value.split(","))
-    )
-
-
 def predict(args: argparse.Namespace) -> int:
     from fmbseg.predict import run_predict
 
     summary = run_predict(
         params_from_args(args),
         args.inputs,
-        _class_names_argument(args.classes),
+        class_names_argument(args.classes),
         args.model,
         args.out,
     )

@@ -7,12 +7,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from torch import nn
+
 from fmbseg.errors import InputError, WeightsError
 from fmbseg.methods import EpochCallback, TrainInputs
 
 if TYPE_CHECKING:
-    import torch
-
     from fmbseg.align.module import AlignmentModule
     from fmbseg.config import Params
     from fmbseg.models.base import PatchEncoder, WeightProvenance
@@ -51,13 +52,26 @@ class AlignmentScorer:
         """(K, D) unit text embeddings (templates averaged)."""
         return self.text.embed(class_names)
 
+    def image_embedder(self) -> torch.nn.Module:
+        """(B, 3, h, w) windows -> (B, h/p, w/p, D) unit embeddings: the image side alone,
+        as ONNX export needs it."""
+        return _ImageEmbedder(self.encoder, self.module)
+
     def score_windows(self, windows: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) -> (B, K, h/p, w/p) cosine scores."""
-        import torch
-
         weight = self.module.projection.weight
         embeddings = self.module(self.encoder.encode(windows.to(weight.device)).float())
         return torch.einsum("bhwd,kd->bkhw", embeddings, vocabulary.to(weight.device, weight.dtype))
+
+
+class _ImageEmbedder(nn.Module):
+    def __init__(self, encoder: PatchEncoder, module: AlignmentModule) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.module = module
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.module(self.encoder.encode(windows).float())
 
 
 class FmbsegMethod:
