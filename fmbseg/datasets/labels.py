@@ -114,11 +114,22 @@ PASCAL_CONTEXT_59_IDS = (
     458,
 )
 # fmt: on
+PASCAL_CONTEXT_CLASSES = 459  # ids 1..459 in the official labels.txt, 0 unlabelled
 
 
 def pascal_context_59() -> LabelTransform:
     return LabelTransform(
         "pascal_context_459_to_59", tuple((raw, k) for k, raw in enumerate(PASCAL_CONTEXT_59_IDS))
+    )
+
+
+def pascal_context_60() -> LabelTransform:
+    """The 59 classes -> 1..59 and every other raw value (unlabelled, the other 400 classes)
+    -> 0 'background': mmseg's PascalContextDataset (60 classes, no ignored pixels)."""
+    foreground = {raw: k + 1 for k, raw in enumerate(PASCAL_CONTEXT_59_IDS)}
+    return LabelTransform(
+        "pascal_context_459_to_60",
+        tuple((raw, foreground.get(raw, 0)) for raw in range(PASCAL_CONTEXT_CLASSES + 1)),
     )
 
 

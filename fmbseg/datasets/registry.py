@@ -1,5 +1,5 @@
-"""The seven benchmarks of the evaluation protocol, one frozen spec each (in the spirit of timm),
-and the unlabelled training splits that Stage 1 pseudo-labels.
+"""The benchmarks of the evaluation protocols (TCL's seven, plus SCLIP's PC-60), one frozen spec
+each (in the spirit of timm), and the unlabelled training splits that Stage 1 pseudo-labels.
 
 A spec says what the download stage fetches (official URLs, published checksums), which members
 of each archive it needs, where the evaluated split lies inside them, and how raw annotation
@@ -134,6 +134,14 @@ _CONTEXT_MATS = Archive(
     checksum_source="none published (PASCAL-Context site); downloaded unverified",
     members=("trainval/",),
 )
+_CONTEXT_VAL = RawLayout(
+    split="val",
+    images="VOCtrainval_03-May-2010/VOCdevkit/VOC2010/JPEGImages",
+    masks="trainval/trainval",
+    image_suffix=".jpg",
+    mask_suffix=".mat",
+    id_list="VOCtrainval_03-May-2010/VOCdevkit/VOC2010/ImageSets/Main/val.txt",
+)
 _COCO_VAL_IMAGES = Archive(
     filename="val2017.zip",
     url="http://images.cocodataset.org/zips/val2017.zip",
@@ -218,18 +226,25 @@ def _benchmark_specs() -> list[DatasetSpec]:
             background_index=None,
             label_transform=labels.pascal_context_59(),
             archives=(_VOC2010, _CONTEXT_MATS),
-            layout=RawLayout(
-                split="val",
-                images="VOCtrainval_03-May-2010/VOCdevkit/VOC2010/JPEGImages",
-                masks="trainval/trainval",
-                image_suffix=".jpg",
-                mask_suffix=".mat",
-                id_list="VOCtrainval_03-May-2010/VOCdevkit/VOC2010/ImageSets/Main/val.txt",
-            ),
+            layout=_CONTEXT_VAL,
             conversion="LabelMap of the official 459-class .mat files -> the 59 classes in "
             "mmseg's (alphabetical) order; unlabelled and the other 400 classes ignored. "
             "mmseg/TCL build their PNGs with the Detail API from trainval_merged.json instead; "
             "mmseg PR #474 reports the two differ on some pixels",
+        ),
+        DatasetSpec(
+            name="context60",
+            display_name="PC-60: PASCAL Context val (VOC 2010), 59 classes + background",
+            class_names=("background", *names("context59")),
+            ignore_index=IGNORE_INDEX,
+            background_index=0,
+            label_transform=labels.pascal_context_60(),
+            archives=(_VOC2010, _CONTEXT_MATS),
+            layout=_CONTEXT_VAL,
+            conversion="LabelMap of the official 459-class .mat files -> background 0 and the "
+            "59 classes 1..59 in mmseg's (alphabetical) order; unlabelled and the other 400 "
+            "classes are background, nothing is ignored (mmseg's PascalContextDataset, "
+            "SCLIP's PascalContext60Dataset)",
         ),
         DatasetSpec(
             name="coco_object",

@@ -15,6 +15,7 @@ EXPECTED_CLASSES = {
     "voc21": 21,
     "voc20": 20,
     "context59": 59,
+    "context60": 60,
     "coco_object": 81,
     "coco_stuff": 171,
     "cityscapes": 19,
@@ -30,7 +31,7 @@ TRAINING_SPLITS = {
 }
 
 
-def test_the_seven_benchmarks_and_five_training_splits_are_registered() -> None:
+def test_the_eight_benchmarks_and_five_training_splits_are_registered() -> None:
     assert list_datasets() == sorted([*EXPECTED_CLASSES, *TRAINING_SPLITS])
 
 
@@ -78,15 +79,22 @@ def test_unknown_name_lists_the_known_ones() -> None:
 
 def test_background_class_is_exposed_where_the_protocol_has_one() -> None:
     backgrounds = {name: get_dataset_spec(name).background_index for name in EXPECTED_CLASSES}
-    assert backgrounds == {n: (0 if n in {"voc21", "coco_object"} else None) for n in backgrounds}
-    assert get_dataset_spec("voc21").class_names[0] == "background"
-    assert get_dataset_spec("coco_object").class_names[0] == "background"
+    with_background = {"voc21", "context60", "coco_object"}
+    assert backgrounds == {n: (0 if n in with_background else None) for n in backgrounds}
+    for name in with_background:
+        assert get_dataset_spec(name).class_names[0] == "background"
 
 
 def test_pv20_is_pv21_without_background_and_co80_is_cs171s_things() -> None:
     assert get_dataset_spec("voc20").class_names == get_dataset_spec("voc21").class_names[1:]
     things = get_dataset_spec("coco_stuff").class_names[:80]
     assert get_dataset_spec("coco_object").class_names[1:] == things
+
+
+def test_pc60_is_background_and_pc59_from_the_same_context_source() -> None:
+    pc59, pc60 = get_dataset_spec("context59"), get_dataset_spec("context60")
+    assert pc60.class_names[1:] == pc59.class_names
+    assert (pc60.archives, pc60.layout) == (pc59.archives, pc59.layout)
 
 
 def test_the_91_coco_stuff_stuff_names() -> None:

@@ -62,6 +62,13 @@ def test_pascal_context_459_ids_become_the_59_classes() -> None:
     assert (names[0], names[1], names[36], names[58]) == ("aeroplane", "bag", "person", "wood")
 
 
+def test_pascal_context_60_counts_unlabelled_and_the_other_400_as_background() -> None:
+    raw = [[0, 2, 9], [458, 1, 284], [459, 3, 2]]  # 1 accordion, 3 and 459: not among the 59
+    out = convert("context60", raw, dtype=np.uint16)
+    assert out.tolist() == [[0, 1, 2], [59, 0, 37], [0, 0, 1]]
+    assert get_dataset_spec("context60").ignore_index not in out
+
+
 def test_read_mask_rejects_a_value_that_is_no_class_of_an_exact_dataset(tmp_path: Path) -> None:
     mask = tmp_path / "m.png"
     Image.fromarray(np.array([[0, 21]], dtype=np.uint8)).save(mask)
