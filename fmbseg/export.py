@@ -45,8 +45,6 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Export ``model`` (a trained folder/file or MLflow URI) with ``class_names`` into
     ``out_dir``, replacing it whole; returns the export record."""
-    import torch
-
     from fmbseg.methods import read_model_record
     from fmbseg.registry import resolve_module
     from fmbseg.segmenter import load_segmenter
@@ -67,9 +65,7 @@ def export_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        # Batch 2 and sides of 3 and 4 patches: torch.export would fix dimensions of size 1.
-        example = torch.rand(2, 3, 3 * patch, 4 * patch, generator=torch.Generator().manual_seed(0))
-        _export_graph(embedder, example, patch, max_side, building / IMAGE_FILE)
+        export_image_graph(embedder, patch, building / IMAGE_FILE, max_side)
         error = _parity(embedder, building / IMAGE_FILE, patch)
         if error > PARITY_TOLERANCE:
             raise FmbsegError(
@@ -97,9 +93,13 @@ def export_onnx(
     return record
 
 
-def _export_graph(embedder: Any, example: Any, patch: int, max_side: int, path: Path) -> None:
+def export_image_graph(embedder: Any, patch: int, path: Path, max_side: int = 4096) -> None:
+    """``embedder`` (windows -> embeddings) as ONNX with free batch size and sides in whole
+    patches up to ``max_side`` pixels."""
     import torch
 
+    # Batch 2 and sides of 3 and 4 patches: torch.export would fix dimensions of size 1.
+    example = torch.rand(2, 3, 3 * patch, 4 * patch, generator=torch.Generator().manual_seed(0))
     rows = torch.export.Dim("rows", min=1, max=max_side // patch)
     cols = torch.export.Dim("cols", min=1, max=max_side // patch)
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -107,7 +107,7 @@ def _export_graph(embedder: Any, example: Any, patch: int, max_side: int, path: 
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         torch.onnx.export(
             embedder,
-            (example,),
+            (example.to(next(embedder.parameters()).device),),
             str(path),
             dynamo=True,
             dynamic_shapes={"windows": {0: batch, 2: patch * rows, 3: patch * cols}},

@@ -242,3 +242,17 @@ def test_each_call_gets_its_own_peak_memory() -> None:
     (big,), (small,) = recorder.samples["big"], recorder.samples["small"]
     assert big.peak_rss_mib - big.rss_before_mib > 48
     assert small.peak_rss_mib - small.rss_before_mib < 16
+
+
+def test_the_onnx_case_compares_onnxruntime_with_torch_on_the_same_windows(
+    tmp_path: Path,
+) -> None:
+    options = BenchOptions(
+        size="tiny", cases=("onnx_image_side",), repeats=1, warmup=0, out_dir=tmp_path / "bench"
+    )
+    report = run_bench(options)
+    case = report["cases"]["onnx_image_side"]
+    assert case["error"] is None and case["info"]["windows"] > 0
+    assert {"ours.onnxruntime", "reference.torch"} <= case["measurements"].keys()
+    row = {row["key"]: row for row in report["comparisons"]}["onnxruntime_vs_torch"]
+    assert row["ratio"] is not None and row["ratio"] > 0

@@ -416,6 +416,50 @@ def inference(ctx: CaseContext, rec: Recorder) -> dict[str, Any]:
     }
 
 
+def onnx_image_side(ctx: CaseContext, rec: Recorder) -> dict[str, Any]:
+    """The exported image side (encoder + alignment module) on onnxruntime vs the same network
+    in torch, on the same batches of windows (CPU: onnxruntime's CPU provider)."""
+    import onnxruntime
+    import torch
+
+    from fmbseg.align.module import AlignmentModule
+    from fmbseg.export import export_image_graph
+    from fmbseg.methods.fmbseg import AlignmentScorer
+
+    preset = ctx.preset
+    encoder = build_encoder(preset.encoder_model, preset.encoder_overrides, ctx.runtime)
+    torch.manual_seed(0)
+    module = AlignmentModule(encoder.embed_dim, 512).eval().to(ctx.device)
+    embedder = AlignmentScorer.image_side(encoder, module).eval()
+    window = preset.feature_size
+    path = ctx.workdir / "image_embedder.onnx"
+    export_image_graph(embedder, encoder.patch_size, path)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        torch.rand(preset.encoder_batch, 3, window, window, generator=generator) for _ in range(2)
+    ]
+
+    def run_torch() -> None:
+        with torch.no_grad():
+            for batch in batches:
+                embedder(batch.to(ctx.device))
+
+    def run_onnx() -> None:
+        for batch in batches:
+            session.run(None, {"windows": batch.numpy()})
+
+    for _ in rec.rounds():
+        rec.time("ours.onnxruntime", run_onnx)
+        rec.time("reference.torch", run_torch)
+    windows = preset.encoder_batch * len(batches)
+    return {
+        "windows": windows,
+        "window": window,
+        "units": {name: [windows, "window"] for name in rec.samples},
+    }
+
+
 def scale_pseudolabel(ctx: CaseContext, rec: Recorder) -> dict[str, Any]:
     """Stage 1 over a folder of N small oracle scenes with the fake CLIP and SAM: the stage's
     own costs (reading, shards, bookkeeping) at growing N."""
@@ -502,6 +546,7 @@ CASES: dict[str, CaseFn] = {
     "cache_features": cache_features,
     "train_step": train_step,
     "inference": inference,
+    "onnx_image_side": onnx_image_side,
 }
 SCALING_CASES: dict[str, CaseFn] = {
     "scale_pseudolabel": scale_pseudolabel,

@@ -15,7 +15,15 @@ from typing import Literal
 from fmbseg.errors import ConfigError
 
 SIZES = ("tiny", "small", "quickstart", "paper")
-CASE_NAMES = ("clip_dense", "sam_routes", "masks", "cache_features", "train_step", "inference")
+CASE_NAMES = (
+    "clip_dense",
+    "sam_routes",
+    "masks",
+    "cache_features",
+    "train_step",
+    "inference",
+    "onnx_image_side",
+)
 SCALING_CASE_NAMES = ("scale_pseudolabel", "scale_features")
 ALL_CASES = (*CASE_NAMES, *SCALING_CASE_NAMES)
 DEFAULT_SCALE = (10, 100, 1000)

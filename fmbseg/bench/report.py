@@ -95,6 +95,13 @@ COMPARISONS: tuple[Comparison, ...] = (
         Target("<=", 1.15),
     ),
     Comparison(
+        "onnxruntime_vs_torch",
+        "exported image side on onnxruntime ÷ the same network in torch, same windows, time",
+        "onnx_image_side",
+        ("ours.onnxruntime",),
+        ("reference.torch",),
+    ),
+    Comparison(
         "loss_share_of_step",
         "loss forward+backward ÷ training step (5 images)",
         "train_step",

@@ -52,10 +52,14 @@ class AlignmentScorer:
         """(K, D) unit text embeddings (templates averaged)."""
         return self.text.embed(class_names)
 
-    def image_embedder(self) -> torch.nn.Module:
+    def image_embedder(self) -> nn.Module:
         """(B, 3, h, w) windows -> (B, h/p, w/p, D) unit embeddings: the image side alone,
         as ONNX export needs it."""
-        return _ImageEmbedder(self.encoder, self.module)
+        return self.image_side(self.encoder, self.module)
+
+    @staticmethod
+    def image_side(encoder: PatchEncoder, module: AlignmentModule) -> nn.Module:
+        return _ImageEmbedder(encoder, module)
 
     def score_windows(self, windows: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) -> (B, K, h/p, w/p) cosine scores."""
