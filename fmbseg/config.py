@@ -219,11 +219,18 @@ class GatesConfig(FrozenConfig):
 
 
 class DataConfig(FrozenConfig):
-    """Which datasets the pipeline downloads, trains on and evaluates on (``dvc.yaml`` reads
-    these names to build its paths: ``<root>/<name>/images/<split>``)."""
+    """Which datasets the pipeline downloads, trains on and evaluates on (``dvc.yaml`` builds
+    its paths from these: ``<train>/images/<train_split>``, ``<root>/<evaluate name>/``)."""
 
     root: str = "data"
-    train: str = "demo_train"
+    # Registered training sets the download stage fetches into ``root`` (never a user's folder:
+    # a stage's output is replaced from DVC's cache, files added to it included).
+    download: tuple[str, ...] = ("demo_train",)
+    # The training folder, a DVC dependency: ``images/<train_split>/`` and a ``classes.txt``
+    # (one class name per line), e.g. ``data/demo_train`` or a folder of your own.
+    train: str = "data/demo_train"
+    # Class names to pseudo-label with; None reads ``<train>/classes.txt``.
+    vocabulary: tuple[str, ...] | None = None
     train_split: str = "train"
     evaluate: tuple[str, ...] = ("demo_voc",)
     evaluate_split: str = "val"

@@ -3,6 +3,9 @@
 ``manifest.parquet`` has one row per image file: ``image_id``, ``path`` (relative to the
 dataset folder), ``split``, ``width``, ``height``, ``decodable``, ``error``, ``bytes``. Every
 image is fully decoded once here, so later stages meet no surprise.
+
+Beside it, ``classes.txt`` is the vocabulary the training split is pseudo-labelled with: the
+``data.vocabulary`` param when set, else the dataset folder's own ``classes.txt``.
 """
 
 from __future__ import annotations
@@ -12,10 +15,31 @@ from pathlib import Path
 from typing import Any
 
 from fmbseg.errors import InputError
-from fmbseg.io.atomic import atomic_write
+from fmbseg.io.atomic import atomic_write, write_text_atomic
 from fmbseg.io.images import DEFAULT_MAX_PIXELS, image_id, list_images, read_rgb
+from fmbseg.models.vocabulary import read_vocabulary_file, validate_vocabulary
 
 MANIFEST_FILE = "manifest.parquet"
+VOCABULARY_FILE = "classes.txt"
+
+
+def training_vocabulary(dataset_dir: str | Path, names: Sequence[str] | None) -> tuple[str, ...]:
+    """``names`` (the ``data.vocabulary`` param) when given, else the folder's classes.txt."""
+    if names is not None:
+        return validate_vocabulary(names)
+    file = Path(dataset_dir) / VOCABULARY_FILE
+    if not file.is_file():
+        raise InputError(
+            f"{file}: no class names for pseudo-labelling; write the classes to look for there "
+            "(one per line) or set data.vocabulary: [name, ...] in params.yaml"
+        )
+    return read_vocabulary_file(file)
+
+
+def write_vocabulary(names: Sequence[str], out_dir: str | Path) -> Path:
+    target = Path(out_dir) / VOCABULARY_FILE
+    write_text_atomic(target, "".join(f"{name}\n" for name in names))
+    return target
 
 
 def build_manifest(
@@ -29,7 +53,10 @@ def build_manifest(
     for split in splits:
         images_root = root / "images" / split
         if not images_root.is_dir():
-            raise InputError(f"{images_root}: split {split!r} has no image folder")
+            raise InputError(
+                f"{images_root}: split {split!r} has no image folder (a dataset folder holds "
+                "its images in images/<split>/)"
+            )
         for path in list_images(images_root):
             try:
                 height, width = read_rgb(path, max_pixels).shape[:2]

@@ -209,17 +209,26 @@ def download(args: argparse.Namespace) -> int:
 
 
 def manifest(args: argparse.Namespace) -> int:
+    """The image table of the training split, gated, and the vocabulary to pseudo-label with."""
     from fmbseg.gates import check_manifest
-    from fmbseg.manifest import build_manifest, write_manifest
+    from fmbseg.manifest import (
+        build_manifest,
+        training_vocabulary,
+        write_manifest,
+        write_vocabulary,
+    )
 
     params = params_from_args(args)
     out = Path(args.out)
+    vocabulary = training_vocabulary(args.dataset, params.data.vocabulary)
     with _tracked("manifest", params, [args.dataset]) as run:
         columns = build_manifest(args.dataset, args.split, params.pseudolabel.max_image_pixels)
         path = write_manifest(columns, out)
+        write_vocabulary(vocabulary, out)
         summary = {
             "images": len(columns["image_id"]),
             "undecodable": columns["decodable"].count(False),
+            "classes": len(vocabulary),
         }
         _record(run, summary)
         _gate(run, check_manifest(path, params.gates), out / "gates")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from fmbseg.config import ModelsConfig, Params, load_params, save_config
 from fmbseg.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+MISSING = object()
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -79,9 +85,48 @@ def test_shipped_params_files_are_valid_and_the_paper_refuses_random_weights() -
     paper = load_params(root / "configs" / "paper.yaml")
     known = set(list_datasets()) | set(DEMO_BUILDERS)
     for params in (quickstart, paper):
-        assert {params.data.train, *params.data.evaluate} <= known
+        assert {*params.data.download, *params.data.evaluate} <= known
+        # The training folder is one the download stage writes (or a folder of the user's).
+        assert params.data.train in {f"{params.data.root}/{name}" for name in params.data.download}
     roles = (paper.models.clip, paper.models.sam, paper.models.encoder)
     assert not any(role.allow_random_init for role in roles)
     assert (paper.models.clip.model, paper.models.sam.variant) == ("ViT-L-14", "vit_h")
     assert paper.train.epochs == 10 and paper.train.batch_size == 5
     assert len(paper.data.evaluate) == 7
+
+
+def leaf_keys(config: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted keys of every value that is not itself a config section."""
+    keys: list[str] = []
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            keys += leaf_keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+@pytest.mark.parametrize("shipped", ["params.yaml", "configs/paper.yaml"])
+def test_shipped_params_files_write_every_key(shipped: str) -> None:
+    """`dvc exp run -S key=value` only sets keys the file already has (else it needs `+key`)."""
+    data = yaml.safe_load((REPO / shipped).read_text(encoding="utf-8"))
+    missing = []
+    for key in leaf_keys(Params()):
+        node = data
+        for part in key.split("."):
+            node = node.get(part, MISSING) if isinstance(node, dict) else MISSING
+        if node is MISSING:
+            missing.append(key)
+    assert not missing, f"{shipped} lacks {missing}: add them with their defaults"
+
+
+def test_dvc_set_param_works_without_plus_on_a_key_left_at_its_default(tmp_path: Path) -> None:
+    from dvc.utils.hydra import apply_overrides
+
+    copy = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", copy)
+    apply_overrides(copy, ["gates.manifest.min_width=500", "models.clip.checkpoint=clip.pt"])
+    params = load_params(copy)
+    assert params.gates.manifest.min_width == 500
+    assert params.models.clip.checkpoint == "clip.pt"
