@@ -137,6 +137,38 @@ class FeaturesConfig(FrozenConfig):
     # of the patch's pixels; otherwise it is ignored by the loss.
     min_label_fraction: float = 0.5
     images_per_shard: int = 256
+    # Also store each label map nearest-resized to this square side (0: not stored); Fusioner
+    # trains on them at its decoder's resolution (8x the patch grid).
+    label_map_size: Annotated[int, Field(ge=0)] = 0
+
+
+class FusionerConfig(FrozenConfig):
+    """Fusioner (Ma et al., BMVC 2022; docs/fusioner.md): frozen visual and text tokens fused by
+    one transformer, a conv decoder, per-pixel sigmoid per class. Defaults are the paper's."""
+
+    width: int = 512
+    depth: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    decoder_upsamples: Annotated[int, Field(ge=0)] = 3  # x2 each: 16x16 patches -> 128x128
+    temperature: float = 0.07
+    # "class": one (image, present class) pair per episode, the paper's; "image": every
+    # vocabulary class of an image as text tokens of one forward (as joint inference).
+    episode: Literal["class", "image"] = "class"
+    batch_size: int = 32
+    epochs: int = 510
+    warmup_epochs: int = 10
+    lr: float = 1e-3  # fusion (AdamW): linear warm-up, then cosine to min_lr, per step
+    min_lr: float = 2e-6
+    weight_decay: float = 0.01  # fusion weight matrices: cosine to weight_decay_end
+    weight_decay_end: float = 0.4
+    decoder_lr: float = 1e-3  # decoder (Adam): constant, no weight decay
+    seed: int = 0
+    # Zero-shot protocols: these classes never become training targets (their pixels stay
+    # negatives of the other classes); "pascal5i:<fold>" / "coco20i:<fold>" adds a fold's novel
+    # classes.
+    exclude_classes: tuple[str, ...] = ()
+    holdout: str | None = None
 
 
 class TrainConfig(FrozenConfig):
@@ -158,6 +190,7 @@ class TrainConfig(FrozenConfig):
     # The Stage 2 method (fmbseg.methods): "fmbseg" is the paper's alignment module, trained
     # with the keys above; other methods read their own block below.
     method: str = "fmbseg"
+    fusioner: FusionerConfig = FusionerConfig()
 
 
 class InferenceConfig(FrozenConfig):
@@ -173,6 +206,10 @@ class InferenceConfig(FrozenConfig):
     # stuff names join the vocabulary and count as background) or a score threshold.
     background: Literal["stuff", "threshold"] = "stuff"
     background_threshold: float = 0.2
+    # Fusioner: all classes as text tokens of one forward per window ("joint"), or one forward
+    # per class ("per_class", the paper's 1-way protocol; scores may differ, text tokens attend
+    # to each other).
+    class_queries: Literal["joint", "per_class"] = "joint"
 
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]

@@ -258,7 +258,7 @@ def run_train(
         init_sha = sha256_file(train.init_from)
     record = {
         # Other methods' blocks do not change this method's run.
-        "train": train.model_dump(mode="json", exclude={"fusioner"}),
+        "train": train.model_dump(mode="json", exclude={"fusioner", "pixelclip"}),
         "templates": list(params.pseudolabel.templates),
         "text": params.models.text.model_dump(mode="json")
         | {"clip": params.models.clip.model_dump(mode="json")},

@@ -37,7 +37,10 @@ _registry: dict[str, dict[str, Factory | str]] = {
         "oracle": "fmbseg.oracle.fakes:build_encoder",
     },
     # "clip": the text tower of whatever ``models.clip`` builds (the paper's setting).
-    "text": {"clip": "fmbseg.models.registry:build_vision_language_model"},
+    "text": {
+        "clip": "fmbseg.models.registry:build_vision_language_model",
+        "transformers": "fmbseg.models.text_transformers:build",
+    },
 }
 
 
