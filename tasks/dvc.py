@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -46,24 +47,51 @@ def worth_retrying(task: object, task_run: object, state: object) -> bool:
     return True
 
 
-def run_command(argv: Sequence[str], project_dir: str, env: Mapping[str, str] | None = None) -> str:
-    """Run one command in the project folder, streaming its output to the Prefect log."""
-    logger = get_run_logger()
+def run_command(
+    argv: Sequence[str],
+    project_dir: str,
+    env: Mapping[str, str] | None = None,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> str:
+    """Run one command in the project folder, each output line into the Prefect run log as it
+    comes (progress bars included: a carriage return ends a line too). The command dies with
+    this process, so a killed worker leaves no orphan computing shards."""
+    logger = logger or get_run_logger()
     logger.info("$ %s", shlex.join(argv))
-    process = subprocess.run(
+    lines = []
+    with subprocess.Popen(
         list(argv),
         cwd=project_dir,
-        env=_environment(env),
+        env=_environment(env) | {"PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        check=False,
-    )
-    for line in process.stdout.splitlines():
-        logger.info(line)
+        bufsize=1,
+        preexec_fn=_die_with_parent(),
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line := line.rstrip():
+                logger.info(line)
+                lines.append(line)
     if process.returncode != 0:
         raise CommandFailed(argv, process.returncode)
-    return process.stdout
+    return "\n".join(lines)
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a child-side hook asking the kernel to SIGKILL the child when its parent dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    set_parent_death_signal, kill = 1, 9  # PR_SET_PDEATHSIG, SIGKILL
+
+    def hook() -> None:
+        prctl(set_parent_death_signal, kill)
+
+    return hook
 
 
 # No result caching: a stage whose inputs changed must run again; DVC decides what to skip.

@@ -136,7 +136,8 @@ def test_prefect_yaml_deploys_existing_flows() -> None:
 
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     for deployment in config["deployments"]:
-        module, _, name = deployment["entrypoint"].partition(":")
+        entrypoint = deployment["entrypoint"]  # path/to/file.py:function or module.function
+        module, _, name = entrypoint.rpartition(":" if ":" in entrypoint else ".")
         flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), name)
         assert isinstance(flow, Flow)
         assert set(deployment.get("parameters", {})) <= set(flow.parameters.properties)
