@@ -149,6 +149,12 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="output folder for metrics and plots")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    parser.add_argument(
+        "--protocol",
+        choices=("tcl", "sclip"),
+        default=None,
+        help="evaluation protocol (default: inference.protocol; docs/method.md)",
+    )
 
 
 def _register_arguments(parser: argparse.ArgumentParser) -> None:

@@ -196,11 +196,20 @@ class TrainConfig(FrozenConfig):
 class InferenceConfig(FrozenConfig):
     """Open-vocabulary segmentation of one image; defaults follow TCL's protocol."""
 
+    # Evaluation protocol (fmbseg/protocols.py): "tcl" uses the keys below (their defaults are
+    # TCL's mmseg configs); "sclip" takes resize, windows, templates and background per dataset
+    # from SCLIP's configs instead. Recorded in metrics.json and MLflow.
+    protocol: Literal["tcl", "sclip"] = "tcl"
     mode: Literal["sliding", "whole"] = "sliding"
-    # The image is resized so its short side is this long, then scored in windows.
-    short_side: int = 448
-    window: int = 448
-    stride: int = 224
+    # Keep-ratio rescale as mmseg's img_scale=(long_side, short_side): the scale is
+    # min(long_side / long, short_side / short), each side int(side * scale + 0.5).
+    short_side: Annotated[int, Field(gt=0)] = 448
+    long_side: Annotated[int, Field(gt=0)] = 2048
+    window: Annotated[int, Field(gt=0)] = 448
+    stride: Annotated[int, Field(gt=0)] = 224
+    # Where window scores are averaged: "pixels" (the protocols' per-pixel averaging) or
+    # "patches" (faster: at patch resolution, upsampled once; the image is rounded to patches).
+    aggregate: Literal["pixels", "patches"] = "pixels"
     templates: tuple[str, ...] = ("a photo of a {}.",)
     # How a dataset's background class is predicted: the paper's PV-21 rule (COCO-Stuff's
     # stuff names join the vocabulary and count as background) or a score threshold.

@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from fmbseg.io.runs import RUN_FILE
 from fmbseg.masks import IGNORE_LABEL
 
 if TYPE_CHECKING:
+    from fmbseg.protocols import Protocol
     from fmbseg.segmenter import Background
 
 log = logging.getLogger(__name__)
@@ -37,15 +39,16 @@ log = logging.getLogger(__name__)
 UNLABELLED = "(unlabelled)"
 
 
-def _background_rule(params: Params, index: int | None) -> Background | None:
-    from fmbseg.datasets.registry import coco_stuff_stuff_names
+def _background_rule(protocol: Protocol, scorer: object) -> Background | None:
+    """The protocol's background rule, or the scorer's own threshold where its method defines
+    one (Fusioner: no class's sigmoid above 0.5)."""
     from fmbseg.segmenter import Background
 
-    if index is None:
-        return None
-    if params.inference.background == "stuff":
-        return Background(index, stuff_names=tuple(coco_stuff_stuff_names()))
-    return Background(index, threshold=params.inference.background_threshold)
+    background = protocol.background
+    own = getattr(scorer, "background_threshold", None)
+    if background is None or own is None:
+        return background
+    return Background(background.index, threshold=own, rule=f"method_threshold:{own}")
 
 
 def _pseudolabel_predictor(merged_dir: Path, class_names: tuple[str, ...], background: int | None):
@@ -92,11 +95,17 @@ def run_evaluate(
     extra = pseudolabels is not None and spec.background_index is None
     matrix = ConfusionMatrix(len(names) + int(extra), spec.ignore_index)
     if model is not None:
+        from fmbseg.protocols import resolve_protocol
         from fmbseg.registry import resolve_module
         from fmbseg.segmenter import load_segmenter
 
-        segmenter = load_segmenter(params, resolve_module(model))
-        background = _background_rule(params, spec.background_index)
+        protocol = resolve_protocol(params.inference, spec)
+        resolved = params.model_copy(update={"inference": protocol.inference})
+        segmenter = load_segmenter(resolved, resolve_module(model))
+        background = _background_rule(protocol, segmenter.scorer)
+        described = protocol.record() | {
+            "background_rule": "none" if background is None else background.rule
+        }
         provenance = {role: item.tag for role, item in segmenter.scorer.provenance.items()}
 
         def predict(image_id: str, image: np.ndarray) -> np.ndarray:
@@ -104,24 +113,34 @@ def run_evaluate(
 
     else:
         predict = _pseudolabel_predictor(Path(pseudolabels), names, spec.background_index)  # type: ignore[arg-type]
+        described = STAGE1_PROTOCOL
     samples = list(dataset)[:limit]
     for sample in tqdm(
         samples, unit="img", desc=f"evaluate {spec.name}", disable=not show_progress
     ):
         image, target = dataset.read(sample)
         matrix.update(predict(sample.image_id, image), target)
-    return write_results(matrix, names, Path(out_dir), extra, len(samples)) | {
+    return write_results(matrix, names, Path(out_dir), extra, len(samples), described) | {
         "provenance": provenance
     }
 
 
 SUMMARY_KEYS = ("mIoU", "pixel_accuracy", "images", "classes", "classes_present")
-"""What ``metrics.json`` holds; per-class IoU lives in ``per_class.csv`` only (which classes
-are present changes from run to run)."""
+"""What ``metrics.json`` holds besides how the numbers were made (``protocol``,
+``background_rule``, ...: :meth:`fmbseg.protocols.Protocol.record`); per-class IoU lives in
+``per_class.csv`` only (which classes are present changes from run to run)."""
+
+STAGE1_PROTOCOL = {"protocol": "stage1_label_maps", "background_rule": "unlabelled_pixels"}
+"""Stage 1 alone is scored on its label maps as they are: no resize, windows or prompts."""
 
 
 def write_results(
-    matrix: ConfusionMatrix, names: tuple[str, ...], out: Path, extra: bool, images: int
+    matrix: ConfusionMatrix,
+    names: tuple[str, ...],
+    out: Path,
+    extra: bool,
+    images: int,
+    protocol: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Write the reports; returns the summary plus ``per_class`` (IoU by class name)."""
     from fmbseg.charts import write_iou_bars_png
@@ -137,7 +156,8 @@ def write_results(
         "classes": len(names),
         "classes_present": sum(value is not None for value in iou),
     }
-    summary = {key: metrics[key] for key in SUMMARY_KEYS}
+    summary = {key: metrics[key] for key in SUMMARY_KEYS} | dict(protocol)
+    metrics |= protocol
     write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2, ensure_ascii=False))
     table = io.StringIO()
     writer = csv.writer(table)

@@ -253,6 +253,8 @@ def predict(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from fmbseg.evaluate import run_evaluate
 
+    if args.protocol:
+        args.overrides = [*args.overrides, f"inference.protocol={args.protocol}"]
     params = params_from_args(args)
     dataset = Path(args.dataset)
     if not dataset.is_dir():
@@ -280,6 +282,8 @@ def evaluate(args: argparse.Namespace) -> int:
             pseudolabels=args.pseudolabels,
             limit=args.limit,
         )
+        run.set_tags({"fmbseg.protocol": metrics["protocol"]})
+        run.set_tags({"fmbseg.background_rule": metrics["background_rule"]})
         _record(
             run,
             {key: metrics[key] for key in ("mIoU", "pixel_accuracy", "images", "provenance")},
