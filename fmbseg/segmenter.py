@@ -1,10 +1,16 @@
 """The open-vocabulary segmenter: a trained method's window scores (FMbSeg: frozen encoder ->
 alignment module -> cosine with the class prompts' text embeddings) -> bilinear upsampling ->
-argmax. Any vocabulary, at test time.
+decision per pixel. Any vocabulary, at test time.
 
-Sliding-window inference follows TCL's protocol by default (short side 448, 448 windows,
-stride 224, scores averaged where windows overlap). Each side of the resized image is rounded
-to whole encoder patches so every window is a valid encoder input.
+The geometry is mmseg's, which TCL (0.x) and SCLIP (1.x) evaluate with: a keep-ratio rescale
+(``img_scale=(long_side, short_side)``, each side ``int(side * scale + 0.5)``, bilinear without
+antialias on the uint8 image), windows placed as ``slide_inference`` places them (the last one
+snapped to the border), each window's scores upsampled to the window, averaged per pixel where
+windows overlap, and upsampled once more to the original image. A window is a whole number of
+encoder patches, so the rescaled image needs no rounding; a region that is not (the whole image
+in ``whole`` mode, or an image smaller than a window) is zero-padded at its bottom and right to
+whole patches and its scores cropped back. ``aggregate: patches`` trades that exactness for
+speed: the image is rounded to whole patches and window scores are averaged on the patch grid.
 """
 
 from __future__ import annotations
@@ -19,25 +25,82 @@ import torch
 import torch.nn.functional as F
 
 from fmbseg.config import InferenceConfig, Params
+from fmbseg.errors import ConfigError
 from fmbseg.models.vocabulary import validate_vocabulary
-from fmbseg.pseudolabel.dense import image_to_tensor, plan_windows
+from fmbseg.pseudolabel.dense import slide_starts
 
 if TYPE_CHECKING:
     from fmbseg.methods import WindowScorer
 
 
+def rescale_size(height: int, width: int, short_side: int, long_side: int) -> tuple[int, int]:
+    """(H', W') of mmcv's keep-ratio ``rescale_size`` for ``img_scale=(long_side, short_side)``."""
+    scale = min(long_side / max(height, width), short_side / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, h, w) float32 in [0, 1]: half-pixel bilinear without antialias,
+    rounded to whole uint8 levels as mmcv's ``imresize`` (OpenCV ``INTER_LINEAR``) returns them."""
+    pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None]
+    resized = F.interpolate(pixels.float(), size=size, mode="bilinear", antialias=False)
+    return resized.round_().clamp_(0, 255) / 255.0
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Where one image is scored, in the rescaled image's pixels."""
+
+    resized_size: tuple[int, int]  # (H', W')
+    windows: tuple[tuple[int, int, int, int], ...]  # (top, left, bottom, right)
+
+
+def plan_inference(height: int, width: int, config: InferenceConfig, patch: int) -> WindowPlan:
+    """The rescaled size and the windows of an (height, width) image under ``config``."""
+    size = rescale_size(height, width, config.short_side, config.long_side)
+    if config.mode == "whole":
+        return WindowPlan(size, ((0, 0, *size),))
+    window, stride = config.window, config.stride
+    if window % patch:
+        raise ConfigError(
+            f"inference.window: {window} must be a multiple of the encoder's patch size {patch}"
+        )
+    if config.aggregate == "patches":
+        if stride % patch:
+            raise ConfigError(
+                f"inference.stride: {stride} must be a multiple of the patch size {patch} with "
+                "inference.aggregate=patches"
+            )
+        size = (
+            max(window, round(size[0] / patch) * patch),
+            max(window, round(size[1] / patch) * patch),
+        )
+    rows = [(top, min(top + window, size[0])) for top in slide_starts(size[0], window, stride)]
+    cols = [(left, min(left + window, size[1])) for left in slide_starts(size[1], window, stride)]
+    return WindowPlan(size, tuple((t, le, b, r) for t, b in rows for le, r in cols))
+
+
 @dataclass(frozen=True)
 class Background:
-    """How a vocabulary's background class is predicted (e.g. PV-21's class 0).
+    """How a vocabulary's background class (e.g. PV-21's class 0) is predicted.
 
-    ``stuff``: these extra names are scored too and any pixel won by one is background (the
-    paper's rule, with COCO-Stuff's stuff names). ``threshold``: pixels whose best cosine
-    score is below it are background.
+    ``stuff_names`` are scored with the vocabulary and a pixel won by one of them is background
+    (the paper's PV-21 rule with COCO-Stuff's 91 stuff names; SCLIP's background words).
+    ``threshold`` acts as a constant background score, as TCL does: a pixel whose best score is
+    not above it is background. SCLIP instead thresholds probabilities:
+    ``softmax(logit_scale * score)`` over every queried name, background being the best of its
+    names; with ``area_threshold`` a class predicted on at most that share of the image's
+    non-background pixels is dropped first; a pixel whose best probability is below
+    ``probability_threshold`` is background. ``rule`` names the rule in metrics.json.
     """
 
     index: int
     stuff_names: tuple[str, ...] = ()
     threshold: float | None = None
+    probability_threshold: float | None = None
+    logit_scale: float = 40.0
+    area_threshold: float | None = None
+    rule: str = "custom"
 
 
 @dataclass(frozen=True)
@@ -48,7 +111,7 @@ class Segmentation:
 
 class OpenVocabularySegmenter:
     """Any trained method's :class:`~fmbseg.methods.WindowScorer`, run over a whole image:
-    resize, windows, scores averaged where windows overlap, upsampled, decided per pixel."""
+    rescale, windows, scores averaged where windows overlap, upsampled, decided per pixel."""
 
     def __init__(
         self,
@@ -62,52 +125,49 @@ class OpenVocabularySegmenter:
         self.device = device
         self.batch_size = batch_size
 
+    def _score_regions(self, crops: torch.Tensor, vocabulary: Any, cells: bool) -> torch.Tensor:
+        """Scores of (B, 3, h, w) crops at their own size (or, with ``cells``, on their patch
+        grid); crops that are not whole patches are zero-padded for the scorer, then cropped."""
+        patch = self.scorer.patch_size
+        height, width = crops.shape[-2:]
+        pad_h, pad_w = -height % patch, -width % patch
+        padded = F.pad(crops, (0, pad_w, 0, pad_h)) if pad_h or pad_w else crops
+        scores = self.scorer.score_windows(padded, vocabulary).to(self.device)
+        if cells:
+            size = ((height + pad_h) // patch, (width + pad_w) // patch)
+        else:
+            size = (height + pad_h, width + pad_w)
+        if tuple(scores.shape[-2:]) != size:
+            scores = F.interpolate(scores, size=size, mode="bilinear")
+        if cells:
+            return scores
+        return scores[:, :, :height, :width]
+
     @torch.no_grad()
     def score(self, image: np.ndarray, vocabulary: Any) -> torch.Tensor:
         """(K, H, W) scores of an (H, W, 3) uint8 image against a prepared vocabulary."""
         height, width = image.shape[:2]
         patch = self.scorer.patch_size
-        config = self.config
-        window = config.window if config.mode == "sliding" else 0
-        grid = plan_windows(
-            height,
-            width,
-            short_side=config.short_side,
-            crop=window or patch,
-            stride=config.stride if window else patch,
-            patch=patch,
-            stride_key="inference.stride",
-        )
-        resized = F.interpolate(
-            image_to_tensor(image), size=grid.resized_size, mode="bilinear", antialias=True
-        ).to(self.device)
-        if not window:
-            return self._upsample(
-                self.scorer.score_windows(resized, vocabulary)[0], (height, width)
-            )
+        plan = plan_inference(height, width, self.config, patch)
+        resized = resize_bilinear(image, plan.resized_size).to(self.device)
+        cells = self.config.aggregate == "patches" and self.config.mode == "sliding"
+        unit = patch if cells else 1
+        grid = (plan.resized_size[0] // unit, plan.resized_size[1] // unit)
         total: torch.Tensor | None = None
-        counts = torch.zeros(1, *grid.resized_size, device=self.device)
-        for start in range(0, len(grid.offsets), self.batch_size):
-            chunk = grid.offsets[start : start + self.batch_size]
-            crops = torch.cat(
-                [resized[:, :, top : top + window, left : left + window] for top, left in chunk]
-            )
-            scores = F.interpolate(
-                self.scorer.score_windows(crops, vocabulary).to(self.device),
-                size=(window, window),
-                mode="bilinear",
-            )
+        counts = torch.zeros(1, *grid, device=self.device)
+        for start in range(0, len(plan.windows), self.batch_size):
+            chunk = plan.windows[start : start + self.batch_size]
+            crops = torch.cat([resized[:, :, t:b, le:r] for t, le, b, r in chunk])
+            scores = self._score_regions(crops, vocabulary, cells)
             if total is None:
-                total = torch.zeros(scores.shape[1], *grid.resized_size, device=self.device)
-            for (top, left), window_scores in zip(chunk, scores, strict=True):
-                total[:, top : top + window, left : left + window] += window_scores
-                counts[:, top : top + window, left : left + window] += 1
-        assert total is not None  # plan_windows gives at least one window
-        return self._upsample(total / counts, (height, width))
-
-    @staticmethod
-    def _upsample(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(scores[None], size=size, mode="bilinear")[0].cpu()
+                total = torch.zeros(scores.shape[1], *grid, device=self.device)
+            for (top, left, bottom, right), window_scores in zip(chunk, scores, strict=True):
+                rows = slice(top // unit, bottom // unit)
+                cols = slice(left // unit, right // unit)
+                total[:, rows, cols] += window_scores
+                counts[:, rows, cols] += 1
+        assert total is not None  # every plan has at least one window
+        return F.interpolate((total / counts)[None], size=(height, width), mode="bilinear")[0].cpu()
 
     def segment(
         self, image: np.ndarray, class_names: Sequence[str], background: Background | None = None
@@ -118,16 +178,41 @@ class OpenVocabularySegmenter:
             scores = self.score(image, self.scorer.prepare(names))
             return Segmentation(scores.argmax(0).numpy(), scores)
         foreground = [i for i in range(len(names)) if i != background.index]
+        foreground_names = {names[i] for i in foreground}
         queried = [names[i] for i in foreground] + [
-            name for name in background.stuff_names if name not in names
+            name for name in background.stuff_names if name not in foreground_names
         ]
         scores = self.score(image, self.scorer.prepare(tuple(queried)))
+        if background.probability_threshold is not None:
+            labels = _decide_by_probability(scores, len(names), foreground, background)
+            return Segmentation(labels.numpy(), scores)
         best, winner = scores.max(0)
         to_output = torch.tensor(foreground + [background.index] * (len(queried) - len(foreground)))
         labels = to_output[winner]
         if background.threshold is not None:
-            labels[best < background.threshold] = background.index
+            labels[best <= background.threshold] = background.index
         return Segmentation(labels.numpy(), scores)
+
+
+def _decide_by_probability(
+    scores: torch.Tensor, num_classes: int, foreground: list[int], background: Background
+) -> torch.Tensor:
+    """SCLIP's ``postprocess_result``: probabilities over the queried names, background the best
+    of its names, small classes dropped, low-probability pixels to background."""
+    probabilities = (scores * background.logit_scale).softmax(0)
+    per_class = torch.zeros(num_classes, *scores.shape[1:])
+    per_class[foreground] = probabilities[: len(foreground)]
+    if len(probabilities) > len(foreground):
+        per_class[background.index] = probabilities[len(foreground) :].amax(0)
+    if background.area_threshold is not None:
+        predicted = torch.bincount(per_class.argmax(0).flatten(), minlength=num_classes).float()
+        predicted[background.index] = 0
+        kept = predicted > background.area_threshold * predicted.sum()
+        kept[background.index] = True
+        per_class *= kept[:, None, None]
+    best, labels = per_class.max(0)
+    labels[best < background.probability_threshold] = background.index  # type: ignore[operator]
+    return labels
 
 
 def load_segmenter(params: Params, model: str | Path) -> OpenVocabularySegmenter:

@@ -49,8 +49,14 @@ def test_trained_module_scores_high_miou_and_writes_reports(
     assert metrics["images"] == 4
     assert metrics["mIoU"] >= 0.6 and metrics["pixel_accuracy"] >= 0.85
     summary = json.loads((tmp_path / "metrics.json").read_text())
-    # A small summary with the same keys in every run (per-class IoU is in per_class.csv only).
-    assert list(summary) == ["mIoU", "pixel_accuracy", "images", "classes", "classes_present"]
+    # A small summary with the same keys in every run (per-class IoU is in per_class.csv only),
+    # and how the numbers were made.
+    assert list(summary) == [
+        "mIoU", "pixel_accuracy", "images", "classes", "classes_present",
+        "protocol", "protocol_reference", "background_rule", "resize", "windows", "templates",
+    ]  # fmt: skip
+    assert (summary["protocol"], summary["background_rule"]) == ("tcl", "none")
+    assert summary["windows"] == "48 stride 24, averaged per pixel"
     assert summary["mIoU"] == metrics["mIoU"] and summary["classes"] == WORLD.num_classes
     rows = (tmp_path / "per_class.csv").read_text().splitlines()
     assert rows[0] == "class,iou" and len(rows) == 1 + WORLD.num_classes
@@ -71,6 +77,7 @@ def test_stage_1_alone_is_scored_from_label_maps(oracle_run, tmp_path: Path) -> 
         show_progress=False,
     )
     assert metrics["mIoU"] >= 0.8  # Stage 1 with exact fakes nearly reproduces the truth
+    assert metrics["protocol"] == "stage1_label_maps"
     assert "(unlabelled)" not in metrics["per_class"]
 
 

@@ -125,3 +125,34 @@ def test_train_and_evaluate_log_their_charts_as_mlflow_artifacts(
     }
     assert {"loss.csv", "loss.png"} <= logged["train"]
     assert {"per_class.csv", "per_class.png", "confusion.png"} <= logged["evaluate"]
+
+
+def test_evaluate_with_the_sclip_protocol_on_the_quickstart_set(
+    oracle_run, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fmbseg evaluate --protocol sclip`` on demo_voc (VOC's 21 classes: SCLIP's cfg_voc21
+    settings): the protocol and the background rule are in metrics.json and on the MLflow run."""
+    import mlflow
+
+    from fmbseg.cli import main
+    from fmbseg.demo import build_demo_voc
+
+    build_demo_voc(tmp_path / "demo_voc")
+    monkeypatch.chdir(tmp_path)
+    evaluate = ["evaluate", *ORACLE, "--dataset", "demo_voc", "--split", "val"]
+    model = str(oracle_run.module)
+    assert main(["-q", *evaluate, "--protocol", "sclip", "--model", model, "--out", "eval"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["protocol"] == "sclip"
+    assert metrics["protocol_reference"] == "wangf3014/SCLIP configs/cfg_voc21.py"
+    assert metrics["background_rule"] == "sclip_probability:0.1@scale65,area:0.1"
+    assert metrics["templates"] == 80
+    assert metrics["resize"] == "keep-ratio short 336 / long 2048"
+    assert metrics["windows"] == "224 stride 112, averaged per pixel"
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "tags.`fmbseg.stage` = 'evaluate' and tags.`fmbseg.protocol` = 'sclip'",
+    )
+    assert run.data.params["inference.protocol"] == "sclip"
+    assert run.data.tags["fmbseg.background_rule"] == metrics["background_rule"]

@@ -367,14 +367,12 @@ def inference(ctx: CaseContext, rec: Recorder) -> dict[str, Any]:
     """Open-vocabulary segmentation of one image (TCL's sliding windows) vs the bare encoder
     forward over the same windows."""
     import torch
-    import torch.nn.functional as F
 
     from fmbseg.align.module import AlignmentModule
     from fmbseg.config import InferenceConfig
     from fmbseg.methods.fmbseg import AlignmentScorer
     from fmbseg.models.vocabulary import VocabularyEncoder
-    from fmbseg.pseudolabel.dense import image_to_tensor, plan_windows
-    from fmbseg.segmenter import OpenVocabularySegmenter
+    from fmbseg.segmenter import OpenVocabularySegmenter, plan_inference, resize_bilinear
 
     preset = ctx.preset
     encoder = build_encoder(preset.encoder_model, preset.encoder_overrides, ctx.runtime)
@@ -393,23 +391,15 @@ def inference(ctx: CaseContext, rec: Recorder) -> dict[str, Any]:
         batch_size=preset.encoder_batch,
     )
     image = ctx.image()
-    grid = plan_windows(
-        *image.shape[:2],
-        short_side=window,
-        crop=window,
-        stride=window // 2,
-        patch=encoder.patch_size,
-    )
-    resized = F.interpolate(
-        image_to_tensor(image), size=grid.resized_size, mode="bilinear", antialias=True
-    )
-    crops = torch.cat([resized[:, :, y : y + window, x : x + window] for y, x in grid.offsets])
+    plan = plan_inference(*image.shape[:2], config, encoder.patch_size)
+    resized = resize_bilinear(image, plan.resized_size)
+    crops = torch.cat([resized[:, :, t:b, le:r] for t, le, b, r in plan.windows])
     batches = [chunk.to(ctx.device) for chunk in crops.split(preset.encoder_batch)]
     for _ in rec.rounds():
         rec.time("ours.segment", segmenter.segment, image, names)
         rec.time("reference.bare_encoder", _bare_forward, encoder.model, ctx.runtime, batches)
     return {
-        "windows": len(grid.offsets),
+        "windows": len(plan.windows),
         "window": window,
         "classes": preset.classes,
         "units": {name: [1, "image"] for name in rec.samples},

@@ -41,11 +41,12 @@ class WindowGrid:
         return np.stack([x, y], axis=1).astype(np.float32)
 
 
-def _axis_offsets(length: int, crop: int, stride: int) -> list[int]:
-    offsets = list(range(0, length - crop + 1, stride))
-    if offsets[-1] != length - crop:
-        offsets.append(length - crop)
-    return offsets
+def slide_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Window starts along one axis as mmseg's ``slide_inference`` places them: every
+    ``stride`` pixels, the last snapped back to end at the border, and a single window (the
+    whole axis, shorter than ``crop``) when the axis is shorter than a crop."""
+    count = max(length - crop + stride - 1, 0) // stride + 1
+    return [max(min(i * stride + crop, length) - crop, 0) for i in range(count)]
 
 
 def plan_windows(
@@ -69,8 +70,8 @@ def plan_windows(
     resized = tuple(max(crop, round(side * scale / patch) * patch) for side in (height, width))
     offsets = tuple(
         (top, left)
-        for top in _axis_offsets(resized[0], crop, stride)
-        for left in _axis_offsets(resized[1], crop, stride)
+        for top in slide_starts(resized[0], crop, stride)
+        for left in slide_starts(resized[1], crop, stride)
     )
     return WindowGrid((height, width), resized, crop, patch, offsets)  # type: ignore[arg-type]
 
