@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -72,6 +71,7 @@ class Job:
     classes: tuple[str, ...]
     model: str
     state: str = STEPS[0]
+    failed_in: str | None = None  # the step that failed
     created: float = field(default_factory=time.monotonic)
     finished: float | None = None
     error: str | None = None
@@ -83,7 +83,7 @@ class Job:
         return {
             "id": self.id,
             "state": self.state,
-            "step": STEPS.index(self.state) if self.state in STEPS else len(STEPS),
+            "step": STEPS.index(self.failed_in or self.state) if self.state != DONE else len(STEPS),
             "steps": list(STEPS),
             "elapsed_s": round(end - self.created, 2),
             "error": self.error,
@@ -104,9 +104,9 @@ def _result_json(job_id: str, result: JobResult) -> dict[str, Any]:
 
 def class_areas(labels: np.ndarray, classes: tuple[str, ...]) -> tuple[ClassArea, ...]:
     """Every class with its colour and the percentage of pixels labelled with it."""
-    from fmbseg.predict import palette
+    from fmbseg.predict import label_palette
 
-    colours = palette()
+    colours = label_palette(len(classes))
     counts = np.bincount(labels.ravel(), minlength=len(classes))
     return tuple(
         ClassArea(
@@ -120,43 +120,33 @@ def class_areas(labels: np.ndarray, classes: tuple[str, ...]) -> tuple[ClassArea
 
 
 class SegmenterCache:
-    """The last ``size`` segmenters loaded, by model: loading builds the encoder and CLIP (seconds
-    to minutes on a CPU), after which an image costs only inference.
+    """The last ``size`` segmenters opened, by model: opening builds the encoder and CLIP
+    (seconds to minutes on a CPU), after which an image costs only inference.
 
-    A local module is loaded again when its file changes; a model URI (``models:/name@alias``)
-    is downloaded once, into a folder removed as soon as the module is in memory.
+    Models are opened as ``fmbseg predict`` opens them (a registry model with its registered
+    params). The key is the local folder the model resolves to and that folder's modification
+    time, so a retrained folder is opened again and ``models:/name@champion`` follows the alias.
     """
 
-    def __init__(self, params: Params, workdir: Path, size: int = 2) -> None:
+    def __init__(self, params: Params, size: int = 2) -> None:
         self.params = params
-        self.workdir = workdir
         self.size = size
-        self._loaded: OrderedDict[tuple[str, int | None], OpenVocabularySegmenter] = OrderedDict()
+        self._opened: OrderedDict[tuple[str, int], OpenVocabularySegmenter] = OrderedDict()
 
     def get(self, model: str) -> OpenVocabularySegmenter:
-        from fmbseg.registry import resolve_module
-        from fmbseg.segmenter import load_segmenter
+        from fmbseg.predict import open_model
+        from fmbseg.registry import resolve_model
 
-        key = self._key(model)
-        if key in self._loaded:
-            self._loaded.move_to_end(key)
-            return self._loaded[key]
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.workdir, prefix="model-") as download:
-            segmenter = load_segmenter(self.params, resolve_module(model, dst_dir=download))
-        self._loaded[key] = segmenter
-        while len(self._loaded) > self.size:
-            self._loaded.popitem(last=False)
+        folder = resolve_model(model).resolve()
+        key = (str(folder), folder.stat().st_mtime_ns)
+        if key in self._opened:
+            self._opened.move_to_end(key)
+            return self._opened[key]
+        segmenter, _ = open_model(self.params, folder)
+        self._opened[key] = segmenter
+        while len(self._opened) > self.size:
+            self._opened.popitem(last=False)
         return segmenter
-
-    @staticmethod
-    def _key(model: str) -> tuple[str, int | None]:
-        from fmbseg.registry import resolve_module
-
-        if not Path(model).exists():  # a model URI, or a path resolve_module will refuse
-            return model, None
-        module = resolve_module(model).resolve()
-        return str(module), module.stat().st_mtime_ns
 
 
 def _safe_name(filename: str) -> str:
@@ -166,13 +156,13 @@ def _safe_name(filename: str) -> str:
 
 
 class DemoService:
-    """Samples, uploads and jobs of one demo server; all files live below ``workdir``."""
+    """Samples, uploads and jobs of one demo server; their files live below ``workdir``."""
 
     def __init__(self, params: Params, default_model: str, workdir: str | Path) -> None:
         self.params = params
         self.default_model = default_model
         self.workdir = Path(workdir)
-        self.segmenters = SegmenterCache(params, self.workdir / "models")
+        self.segmenters = SegmenterCache(params)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
         self._samples: dict[str, Sample] | None = None
@@ -290,9 +280,10 @@ class DemoService:
             )
             job.state = DONE
         except FmbsegError as exc:
-            job.error, job.state = str(exc), FAILED
+            job.failed_in, job.error, job.state = job.state, str(exc), FAILED
         except Exception as exc:  # a bug: keep the traceback in the server's log
             log.exception("demo job %s failed", job.id)
-            job.error, job.state = f"internal error: {type(exc).__name__}: {exc}", FAILED
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            job.failed_in, job.error, job.state = job.state, message, FAILED
         finally:
             job.finished = time.monotonic()

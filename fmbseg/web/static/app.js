@@ -62,12 +62,13 @@ function showProgress(job) {
       const item = document.createElement("li");
       item.textContent = name;
       if (index < job.step) item.className = "passed";
-      if (index === job.step) item.className = "current";
+      if (index === job.step) item.className = job.state === "failed" ? "failed" : "current";
       return item;
     }),
   );
   const fraction = job.state === "done" ? 1 : job.step / job.steps.length;
   $("bar-fill").style.width = `${Math.round(100 * fraction)}%`;
+  $("bar-fill").classList.toggle("failed", job.state === "failed");
   const seconds = job.elapsed_s.toFixed(1);
   $("status").textContent =
     job.state === "done" ? `done in ${seconds} s`
