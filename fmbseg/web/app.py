@@ -62,9 +62,12 @@ def create_app(service: DemoService) -> FastAPI:
         sample: str | None = None,
         filename: str = "upload",
     ) -> dict[str, Any]:
-        body = await request.body() if sample is None else None
-        if body is not None and len(body) > MAX_UPLOAD_BYTES:
-            raise HTTPException(status_code=413, detail=f"{filename}: upload too large")
+        declared = int(request.headers.get("content-length") or 0)
+        body = await request.body() if sample is None and declared <= MAX_UPLOAD_BYTES else None
+        if sample is None and (body is None or len(body) > MAX_UPLOAD_BYTES):
+            raise HTTPException(
+                status_code=413, detail=f"{filename}: larger than {MAX_UPLOAD_BYTES} bytes"
+            )
         try:
             job = service.submit(classes, model, upload=body, filename=filename, sample=sample)
         except FmbsegError as exc:
