@@ -121,6 +121,22 @@ class PseudoLabelConfig(FrozenConfig):
     max_image_pixels: int = 50_000_000
 
 
+class MasksConfig(FrozenConfig):
+    """Class-agnostic masks for methods that train on them (PixelCLIP): SAM's automatic masks
+    on every image (``pseudolabel.automask``; route 1.2's are reused where they exist) or
+    k-means clusters of the frozen encoder's patch tokens (``dino``)."""
+
+    source: Literal["sam", "dino"] = "sam"
+    kmeans_clusters: Annotated[int, Field(ge=1)] = 16
+    # Encoder input side (a multiple of its patch): 560 gives DINOv2/14 the 40x40 tokens that
+    # PixelCLIP's DINO ViT-S/16 has at 640.
+    kmeans_image_size: Annotated[int, Field(gt=0)] = 560
+    kmeans_iterations: Annotated[int, Field(ge=1)] = 100
+    kmeans_tolerance: Annotated[float, Field(ge=0.0)] = 1e-4
+    seed: int = 0
+    images_per_shard: Annotated[int, Field(ge=1)] = 64
+
+
 class MergeConfig(FrozenConfig):
     """Subsampling of route 1.2 and merging with route 1.1 into label maps."""
 
@@ -171,6 +187,47 @@ class FusionerConfig(FrozenConfig):
     holdout: str | None = None
 
 
+class PixelClipConfig(FrozenConfig):
+    """PixelCLIP (Shin et al., NeurIPS 2024; docs/pixelclip.md): CLIP's image tower fine-tuned on
+    class-agnostic masks clustered online onto learnable class prompts. Defaults are the
+    official code's (ViT-B/16 config)."""
+
+    clusters: Annotated[int, Field(ge=2)] = 64  # k learnable classes
+    prompt_length: Annotated[int, Field(ge=1)] = 4  # learnable token vectors per class
+    # "{}" stands for the class's prompt_length learnable tokens.
+    prompt_template: str = "A photo of a {} in the scene"
+    epsilon: Annotated[float, Field(gt=0.0)] = 100.0  # clustering logits: epsilon * cosine
+    sinkhorn_iterations: Annotated[int, Field(ge=1)] = 3
+    momentum: Annotated[float, Field(ge=0.0, le=1.0)] = 0.999  # EMA teacher
+    # What of the image tower trains: "attention" (every attn weight + the positional
+    # embedding, the ViT config) or "full".
+    finetune: Literal["attention", "full"] = "attention"
+    dense_attention: Literal["maskclip", "sclip", "clearclip", "naclip", "pixelclip"] = "pixelclip"
+    # Weak view: short side resized (long side capped), a random square crop; both views are
+    # resized to image_size for the towers; teacher features and masks meet at mask_size.
+    short_side: Annotated[int, Field(gt=0)] = 1024
+    max_side: Annotated[int, Field(gt=0)] = 1333
+    crop_size: Annotated[int, Field(gt=0)] = 640
+    image_size: Annotated[int, Field(gt=0)] = 320
+    mask_size: Annotated[int, Field(gt=0)] = 256
+    # Images per optimiser step, clustered together; split into accumulation_steps micro-batches.
+    batch_size: Annotated[int, Field(ge=1)] = 48
+    accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    steps: Annotated[int, Field(ge=1)] = 10_000
+    lr: Annotated[float, Field(gt=0.0)] = 2e-4  # AdamW; cosine from lr to lr * lr_end_factor
+    lr_end_factor: Annotated[float, Field(ge=0.0)] = 0.5
+    weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4  # GroupNorm: 0
+    encoder_lr_factor: Annotated[float, Field(ge=0.0)] = 0.01
+    prompt_lr_factor: Annotated[float, Field(ge=0.0)] = 10.0
+    head_lr_factor: Annotated[float, Field(ge=0.0)] = 1.0
+    grad_clip: Annotated[float, Field(gt=0.0)] = 0.01  # whole-model gradient norm
+    checkpoint_every: Annotated[int, Field(ge=1)] = 500  # steps
+    seed: int = 0
+    # Inference: patch features bilinearly upsampled to this square grid before L2 and cosine
+    # (PixelCLIP's 64); 0 scores at the patch grid.
+    score_size: Annotated[int, Field(ge=0)] = 64
+
+
 class TrainConfig(FrozenConfig):
     """Stage 2's alignment module and its training."""
 
@@ -191,6 +248,7 @@ class TrainConfig(FrozenConfig):
     # with the keys above; other methods read their own block below.
     method: str = "fmbseg"
     fusioner: FusionerConfig = FusionerConfig()
+    pixelclip: PixelClipConfig = PixelClipConfig()
 
 
 class InferenceConfig(FrozenConfig):
@@ -289,6 +347,7 @@ class Params(FrozenConfig):
     models: ModelsConfig = ModelsConfig()
     pseudolabel: PseudoLabelConfig = PseudoLabelConfig()
     merge: MergeConfig = MergeConfig()
+    masks: MasksConfig = MasksConfig()
     features: FeaturesConfig = FeaturesConfig()
     train: TrainConfig = TrainConfig()
     inference: InferenceConfig = InferenceConfig()

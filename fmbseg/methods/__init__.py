@@ -91,6 +91,7 @@ class Method(Protocol):
 _registry: dict[str, Method | str] = {
     "fmbseg": "fmbseg.methods.fmbseg:METHOD",
     "fusioner": "fmbseg.methods.fusioner:METHOD",
+    "pixelclip": "fmbseg.methods.pixelclip:METHOD",
 }
 
 

@@ -173,7 +173,7 @@ class OpenClipModel:
             torch.tensor(preprocess[key], device=self._device).view(1, 3, 1, 1)
             for key in ("mean", "std")
         )
-        self._positions: dict[tuple[int, int], torch.Tensor] = {}
+        self._positions: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
 
     @property
     def image_size(self) -> int:
@@ -186,6 +186,10 @@ class OpenClipModel:
     @property
     def embed_dim(self) -> int:
         return int(self.network.visual.output_dim)
+
+    @property
+    def tokenizer(self) -> Callable[[list[str]], torch.Tensor]:
+        return self._tokenizer
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         if isinstance(texts, str):
@@ -231,6 +235,24 @@ class OpenClipModel:
         patches = F.normalize(patches.float(), dim=-1).reshape(batch, *grid, -1)
         return image, patches
 
+    def dense_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float RGB in [0, 1] -> (B, H/p, W/p, D) dense patch embeddings before L2
+        normalisation, with autograd: what trains the image tower (PixelCLIP) and what its
+        inference upsamples before normalising. The class-embedding path is skipped."""
+        self._check_images(images)
+        visual = self.network.visual
+        batch, _, height, width = images.shape
+        grid = (height // self.patch_size, width // self.patch_size)
+        with self._runtime.autocast():
+            pixels = (images.to(self._device, torch.float32) - self._mean) / self._std
+            tokens = self._input_tokens(pixels, grid)
+            *shared_blocks, last_block = visual.transformer.resblocks
+            for block in shared_blocks:
+                tokens = block(tokens)
+            dense = self._dense_last_block(last_block, tokens, grid)
+            patches = visual.ln_post(dense)[:, 1:] @ visual.proj
+        return patches.float().reshape(batch, *grid, -1)
+
     def _input_tokens(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Patch tokens after the class token, positions for this grid and ``ln_pre``."""
         visual = self.network.visual
@@ -240,20 +262,27 @@ class OpenClipModel:
         return visual.ln_pre(tokens + self._positional_embedding(grid).to(tokens.dtype))
 
     def _positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
-        """The learnt table at the pretraining grid, else its bicubic resize (cached)."""
+        """The learnt table at the pretraining grid, else its bicubic resize, cached per grid
+        until the table changes (a momentum teacher's does every step); while the table is
+        being trained, resized in every forward so gradients reach it."""
         visual = self.network.visual
         table = visual.positional_embedding
         if grid == tuple(visual.grid_size):
             return table
-        if grid not in self._positions:
-            width = table.shape[-1]
-            trained = table[1:].reshape(1, *visual.grid_size, width).permute(0, 3, 1, 2)
-            resized = F.interpolate(
-                trained.float(), size=grid, mode="bicubic", antialias=True, align_corners=False
-            )
-            patch_rows = resized.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], width)
-            self._positions[grid] = torch.cat([table[:1].float(), patch_rows]).to(table.dtype)
-        return self._positions[grid]
+        training_table = table.requires_grad and torch.is_grad_enabled()
+        cached = self._positions.get(grid)
+        if cached is not None and cached[0] == table._version and not training_table:
+            return cached[1]
+        width = table.shape[-1]
+        trained = table[1:].reshape(1, *visual.grid_size, width).permute(0, 3, 1, 2)
+        resized = F.interpolate(
+            trained.float(), size=grid, mode="bicubic", antialias=True, align_corners=False
+        )
+        patch_rows = resized.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], width)
+        positions = torch.cat([table[:1].float(), patch_rows]).to(table.dtype)
+        if not training_table:
+            self._positions[grid] = (table._version, positions)
+        return positions
 
     def _dense_last_block(
         self, block: ResidualAttentionBlock, tokens: torch.Tensor, grid: tuple[int, int]

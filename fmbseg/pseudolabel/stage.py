@@ -66,7 +66,7 @@ def shard_done(out_dir: Path, shard: ShardPlan) -> bool:
     return (out_dir / SHARD_DIR / f"{shard.name}.json").is_file()
 
 
-def _images_sha256(ids: Sequence[str], paths: Sequence[Path]) -> str:
+def images_sha256(ids: Sequence[str], paths: Sequence[Path]) -> str:
     """Digest of every image's id and bytes: a resumed run must not keep the pseudo-labels
     of images replaced under the same names (DVC reruns the stage; the ids stay)."""
     digest = hashlib.sha256()
@@ -85,7 +85,7 @@ def _run_record(
     return {
         "vocabulary": list(vocabulary),
         "images": len(ids),
-        "images_sha256": _images_sha256(ids, paths),
+        "images_sha256": images_sha256(ids, paths),
         "precision": params.models.precision,
         "semi_supervised": image_labels,
         "pseudolabel": params.pseudolabel.model_dump(mode="json"),
@@ -104,7 +104,7 @@ def _class_ids(names: Sequence[str], vocabulary: Sequence[str], image: str) -> l
     return [index[name] for name in names]
 
 
-def _write_shard(
+def write_shard(
     out_dir: Path, shard: ShardPlan, rows: dict[str, list[Any]], info: dict[str, Any]
 ) -> None:
     import pyarrow as pa
@@ -306,4 +306,4 @@ def _label_shards(
                 "clip": backends.clip.provenance.tag,
                 "sam": backends.sam.provenance.tag,
             }
-            _write_shard(out, shard, rows, info)
+            write_shard(out, shard, rows, info)
