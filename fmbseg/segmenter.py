@@ -25,18 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from fmbseg.config import InferenceConfig, Params
-from fmbseg.errors import ConfigError
+from fmbseg.geometry import plan_inference
 from fmbseg.models.vocabulary import validate_vocabulary
-from fmbseg.pseudolabel.dense import slide_starts
 
 if TYPE_CHECKING:
     from fmbseg.methods import WindowScorer
-
-
-def rescale_size(height: int, width: int, short_side: int, long_side: int) -> tuple[int, int]:
-    """(H', W') of mmcv's keep-ratio ``rescale_size`` for ``img_scale=(long_side, short_side)``."""
-    scale = min(long_side / max(height, width), short_side / min(height, width))
-    return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
 def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -45,39 +38,6 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None]
     resized = F.interpolate(pixels.float(), size=size, mode="bilinear", antialias=False)
     return resized.round_().clamp_(0, 255) / 255.0
-
-
-@dataclass(frozen=True)
-class WindowPlan:
-    """Where one image is scored, in the rescaled image's pixels."""
-
-    resized_size: tuple[int, int]  # (H', W')
-    windows: tuple[tuple[int, int, int, int], ...]  # (top, left, bottom, right)
-
-
-def plan_inference(height: int, width: int, config: InferenceConfig, patch: int) -> WindowPlan:
-    """The rescaled size and the windows of an (height, width) image under ``config``."""
-    size = rescale_size(height, width, config.short_side, config.long_side)
-    if config.mode == "whole":
-        return WindowPlan(size, ((0, 0, *size),))
-    window, stride = config.window, config.stride
-    if window % patch:
-        raise ConfigError(
-            f"inference.window: {window} must be a multiple of the encoder's patch size {patch}"
-        )
-    if config.aggregate == "patches":
-        if stride % patch:
-            raise ConfigError(
-                f"inference.stride: {stride} must be a multiple of the patch size {patch} with "
-                "inference.aggregate=patches"
-            )
-        size = (
-            max(window, round(size[0] / patch) * patch),
-            max(window, round(size[1] / patch) * patch),
-        )
-    rows = [(top, min(top + window, size[0])) for top in slide_starts(size[0], window, stride)]
-    cols = [(left, min(left + window, size[1])) for left in slide_starts(size[1], window, stride)]
-    return WindowPlan(size, tuple((t, le, b, r) for t, b in rows for le, r in cols))
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,12 @@ import torch.nn.functional as F
 from fmbseg.align.module import load_module
 from fmbseg.config import InferenceConfig
 from fmbseg.errors import ConfigError, WeightsError
+from fmbseg.geometry import plan_inference, rescale_size
 from fmbseg.methods.fmbseg import AlignmentScorer
 from fmbseg.models.vocabulary import VocabularyEncoder
 from fmbseg.oracle.fakes import FakeClip, FakeEncoder
 from fmbseg.oracle.scenes import OracleWorld, make_scene
-from fmbseg.segmenter import (
-    Background,
-    OpenVocabularySegmenter,
-    plan_inference,
-    rescale_size,
-    resize_bilinear,
-)
+from fmbseg.segmenter import Background, OpenVocabularySegmenter, resize_bilinear
 
 WORLD = OracleWorld()
 SLIDING = InferenceConfig(short_side=96, window=48, stride=24)

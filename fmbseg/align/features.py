@@ -70,12 +70,29 @@ def label_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.int16) if num_classes <= np.iinfo(np.int16).max else np.dtype(np.int32)
 
 
-def resize_nearest(label_map: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) -> (size, size), each output pixel taking the input pixel under its centre."""
+def resize_nearest(label_map: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """(H, W) -> (size, size) or (h, w), each output pixel taking the input pixel under its
+    centre."""
     height, width = label_map.shape
-    rows = ((np.arange(size) + 0.5) * height / size).astype(np.int64)
-    cols = ((np.arange(size) + 0.5) * width / size).astype(np.int64)
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    rows = ((np.arange(out_h) + 0.5) * height / out_h).astype(np.int64)
+    cols = ((np.arange(out_w) + 0.5) * width / out_w).astype(np.int64)
     return label_map[rows[:, None], cols[None, :]]
+
+
+TILE_SEPARATOR = "#"
+
+
+def plan_tiles(height: int, width: int, size: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """``tiles`` geometry: the size an image is rescaled to (short side ``size``, aspect kept,
+    each side ``int(side * scale + 0.5)`` as the segmenter's rescale) and the (top, left) of its
+    ``size`` x ``size`` tiles, placed as the segmenter places windows with stride = size."""
+    from fmbseg.geometry import slide_starts
+
+    scale = size / min(height, width)
+    resized = (max(size, int(height * scale + 0.5)), max(size, int(width * scale + 0.5)))
+    tops, lefts = (slide_starts(side, size, size) for side in resized)
+    return resized, [(top, left) for top in tops for left in lefts]
 
 
 def patch_labels(

@@ -370,9 +370,10 @@ def inference(ctx: CaseContext, rec: Recorder) -> dict[str, Any]:
 
     from fmbseg.align.module import AlignmentModule
     from fmbseg.config import InferenceConfig
+    from fmbseg.geometry import plan_inference
     from fmbseg.methods.fmbseg import AlignmentScorer
     from fmbseg.models.vocabulary import VocabularyEncoder
-    from fmbseg.segmenter import OpenVocabularySegmenter, plan_inference, resize_bilinear
+    from fmbseg.segmenter import OpenVocabularySegmenter, resize_bilinear
 
     preset = ctx.preset
     encoder = build_encoder(preset.encoder_model, preset.encoder_overrides, ctx.runtime)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fmbseg.config import PseudoLabelConfig
 from fmbseg.errors import ConfigError
+from fmbseg.geometry import slide_starts
 from fmbseg.models.base import VisionLanguageModel
 
 
@@ -39,14 +40,6 @@ class WindowGrid:
         x = (cols + 0.5) * self.patch / scale_x
         y = (rows + 0.5) * self.patch / scale_y
         return np.stack([x, y], axis=1).astype(np.float32)
-
-
-def slide_starts(length: int, crop: int, stride: int) -> list[int]:
-    """Window starts along one axis as mmseg's ``slide_inference`` places them: every
-    ``stride`` pixels, the last snapped back to end at the border, and a single window (the
-    whole axis, shorter than ``crop``) when the axis is shorter than a crop."""
-    count = max(length - crop + stride - 1, 0) // stride + 1
-    return [max(min(i * stride + crop, length) - crop, 0) for i in range(count)]
 
 
 def plan_windows(
