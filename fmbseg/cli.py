@@ -177,6 +177,7 @@ def _promote_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _lineage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="models:/fmbseg@champion, models:/fmbseg/3, ...")
+    parser.add_argument("--json", action="store_true", help="all of it as JSON")
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:

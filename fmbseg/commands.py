@@ -51,7 +51,13 @@ def lineage(args: argparse.Namespace) -> int:
     from fmbseg.lineage import format_lineage
     from fmbseg.lineage import lineage as model_lineage
 
-    print(format_lineage(model_lineage(args.model)))
+    record = model_lineage(args.model)
+    if args.json:
+        import json
+
+        print(json.dumps(record, indent=2, ensure_ascii=False))
+    else:
+        print(format_lineage(record))
     return 0
 
 

@@ -1,8 +1,13 @@
-"""Where a registered model came from: its version, the run that logged it, and every stage
-run of the pipeline execution that produced it, with their DVC input hashes and weights.
+"""Where a registered model came from: its version, the run that logged it, and the chain of
+stage runs that produced everything it was made from (data -> pseudo-labels -> merge ->
+features -> train -> evaluate -> register), across pipeline executions and DVC experiments.
 
-Everything is read back from the MLflow tags that :mod:`fmbseg.tracking` and
-:mod:`fmbseg.registry` write; nothing is recomputed.
+Every stage run tags the DVC hash of each input when it starts and of each output once it has
+written it (:mod:`fmbseg.tracking`). A consumer's input is therefore produced by the finished
+run whose output tag for the same path has the same hash: following those links from the model's
+run reaches every upstream stage, including stages DVC skipped in the execution that trained the
+model (their outputs were unchanged) or ran in another experiment. Inputs that no recorded run
+produced (downloaded or hand-made data) are listed as data. Nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ from typing import TYPE_CHECKING, Any
 from fmbseg.errors import FmbsegError
 from fmbseg.tracking import (
     DVC_DEP_PREFIX,
-    DVC_UPSTREAM_PREFIX,
+    DVC_OUT_PREFIX,
+    EXP_BASELINE_TAG,
+    EXP_NAME_TAG,
+    EXP_PARAM_PREFIX,
     PARENT_TAG,
     PREFECT_TAG,
     STAGE_TAG,
     WEIGHTS_PREFIX,
+    safe_key,
 )
 
 if TYPE_CHECKING:
@@ -27,7 +36,6 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))/?$")
-_MAX_SIBLINGS = 1000
 
 
 def lineage(model_uri: str) -> dict[str, Any]:
@@ -42,7 +50,7 @@ def lineage(model_uri: str) -> dict[str, Any]:
         source = client.get_run(version.run_id) if version.run_id else None
         parent_id = source.data.tags.get(PARENT_TAG) if source is not None else None
         parent = client.get_run(parent_id) if parent_id else None
-        stages = _children(client, parent, source) if parent is not None else []
+        chain, data = _chain(client, source) if source is not None else ([], {})
     except MlflowException as exc:
         raise FmbsegError(f"{model_uri}: {exc.message.strip().splitlines()[0]}") from None
     runs = [run for run in (source, parent) if run is not None]
@@ -54,7 +62,8 @@ def lineage(model_uri: str) -> dict[str, Any]:
         "created": _iso(version.creation_timestamp),
         "source_run": _run_record(source, full=True) if source is not None else None,
         "pipeline": _run_record(parent, full=False) if parent is not None else None,
-        "stages": [_run_record(run, full=False) for run in stages],
+        "stages": [_run_record(run, full=True) for run in chain],
+        "data": [{"path": path, "md5": md5} for path, md5 in sorted(data.items())],
         "prefect_flow_run_id": next(
             (run.data.tags[PREFECT_TAG] for run in runs if PREFECT_TAG in run.data.tags), None
         ),
@@ -73,15 +82,39 @@ def _model_version(client: MlflowClient, model_uri: str) -> ModelVersion:
     return client.get_model_version(match["name"], match["version"])
 
 
-def _children(client: MlflowClient, parent: Run, source: Run) -> list[Run]:
-    """The parent's stage runs, oldest first, wherever their experiment."""
-    experiments = list(dict.fromkeys([parent.info.experiment_id, source.info.experiment_id]))
-    return client.search_runs(
+def _chain(client: MlflowClient, source: Run) -> tuple[list[Run], dict[str, str]]:
+    """The source run and every run upstream of it, oldest first, and the inputs that no
+    recorded run produced (``{path: md5}``)."""
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    found = {source.info.run_id: source}
+    data: dict[str, str] = {}
+    pending = [source]
+    while pending:
+        run = pending.pop()
+        for path, md5 in _prefixed(run.data.tags, DVC_DEP_PREFIX).items():
+            producer = _producer(client, experiments, path, md5)
+            if producer is None:
+                data[path] = md5
+            elif producer.info.run_id not in found:
+                found[producer.info.run_id] = producer
+                pending.append(producer)
+    return sorted(found.values(), key=lambda run: run.info.start_time), data
+
+
+def _producer(client: MlflowClient, experiments: list[str], path: str, md5: str) -> Run | None:
+    """The latest finished run that wrote ``path`` with hash ``md5``."""
+    key = safe_key(f"{DVC_OUT_PREFIX}{path}")
+    runs = client.search_runs(
         experiments,
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
-        order_by=["attributes.start_time ASC"],
-        max_results=_MAX_SIBLINGS,
+        filter_string=f"tags.`{key}` = '{md5}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
+    return runs[0] if runs else None
+
+
+def _prefixed(tags: dict[str, str], prefix: str) -> dict[str, str]:
+    return {k.removeprefix(prefix): v for k, v in sorted(tags.items()) if k.startswith(prefix)}
 
 
 def _run_record(run: Run, *, full: bool) -> dict[str, Any]:
@@ -93,29 +126,21 @@ def _run_record(run: Run, *, full: bool) -> dict[str, Any]:
         "status": run.info.status,
         "start": _iso(run.info.start_time),
         "end": _iso(run.info.end_time),
+        "pipeline_run_id": tags.get(PARENT_TAG),
         "git_commit": tags.get("git.commit"),
         "git_dirty": tags.get("git.dirty"),
         "dvc_stage": tags.get("dvc.stage"),
-        "dvc": {
-            k.removeprefix(DVC_DEP_PREFIX): v
-            for k, v in sorted(tags.items())
-            if k.startswith(DVC_DEP_PREFIX)
-        },
+        "experiment": tags.get(EXP_NAME_TAG),
+        "experiment_baseline": tags.get(EXP_BASELINE_TAG),
+        "experiment_params": _prefixed(tags, EXP_PARAM_PREFIX),
+        "inputs": _prefixed(tags, DVC_DEP_PREFIX),
+        "outputs": _prefixed(tags, DVC_OUT_PREFIX),
         "weights": _weights(tags),
-        "upstream": {
-            k.removeprefix(DVC_UPSTREAM_PREFIX): v
-            for k, v in sorted(tags.items())
-            if k.startswith(DVC_UPSTREAM_PREFIX)
-        },
     }
     if full:
         record["params"] = dict(sorted(run.data.params.items()))
         record["metrics"] = dict(sorted(run.data.metrics.items()))
-        record["tags"] = {
-            k: v
-            for k, v in sorted(tags.items())
-            if not k.startswith(("mlflow.", DVC_UPSTREAM_PREFIX))
-        }
+        record["tags"] = {k: v for k, v in sorted(tags.items()) if not k.startswith("mlflow.")}
     return record
 
 
@@ -134,27 +159,27 @@ def _iso(millis: int | None) -> str | None:
 
 
 def format_lineage(record: dict[str, Any]) -> str:
-    """A human-readable report of :func:`lineage`'s result."""
+    """A human-readable report of :func:`lineage`'s result (``--json`` prints all of it)."""
     aliases = ", ".join(f"@{alias}" for alias in record["aliases"]) or "no aliases"
     lines = [f"model {record['model']} version {record['version']} ({aliases})"]
     lines += [f"  {key}: {value}" for key, value in record["version_tags"].items()]
     source = record["source_run"]
     if source is None:
         lines.append("source run: none recorded")
-    else:
-        lines.append(f"source run: {_run_line(source)}")
-        lines += _run_details(source, "  ")
-        lines += [f"  pipeline data {path}: md5 {md5}" for path, md5 in source["upstream"].items()]
-        lines += [f"  param {key} = {value}" for key, value in source["params"].items()]
-        lines += [f"  metric {key} = {value:g}" for key, value in source["metrics"].items()]
+        return "\n".join(lines)
+    lines.append(f"source run: {_run_line(source)}")
+    lines += [f"  metric {key} = {value:g}" for key, value in source["metrics"].items()]
     if record["prefect_flow_run_id"]:
         lines.append(f"prefect flow run: {record['prefect_flow_run_id']}")
     pipeline = record["pipeline"]
-    if pipeline is None:
-        lines.append("pipeline run: none (the source run ran on its own)")
-        return "\n".join(lines)
-    lines.append(f"pipeline run: {_run_line(pipeline)}")
-    lines.append(f"stages ({len(record['stages'])}):")
+    lines.append(
+        f"pipeline run: {_run_line(pipeline)}"
+        if pipeline is not None
+        else "pipeline run: none (the source run ran on its own)"
+    )
+    lines.append(f"data ({len(record['data'])}, produced by no recorded run):")
+    lines += [f"  {item['path']}: md5 {item['md5']}" for item in record["data"]]
+    lines.append(f"stages ({len(record['stages'])}, upstream first):")
     for stage in record["stages"]:
         lines.append(f"  {_run_line(stage)}")
         lines += _run_details(stage, "    ")
@@ -165,12 +190,21 @@ def _run_line(run: dict[str, Any]) -> str:
     label = run["stage"] or run["name"]
     commit = f", git {run['git_commit'][:12]}" if run["git_commit"] else ""
     dirty = " (dirty)" if run["git_dirty"] == "true" else ""
-    return f"{label} [{run['status']}] run {run['run_id']}, started {run['start']}{commit}{dirty}"
+    experiment = f", experiment {run['experiment']}" if run.get("experiment") else ""
+    return (
+        f"{label} [{run['status']}] run {run['run_id']}, started {run['start']}"
+        f"{commit}{dirty}{experiment}"
+    )
 
 
 def _run_details(run: dict[str, Any], indent: str) -> list[str]:
-    lines = [f"{indent}input {path}: md5 {md5}" for path, md5 in run["dvc"].items()]
+    lines = [f"{indent}input {path}: md5 {md5}" for path, md5 in run["inputs"].items()]
+    lines += [f"{indent}output {path}: md5 {md5}" for path, md5 in run["outputs"].items()]
     for role, weights in run["weights"].items():
         model = f" ({weights['model']})" if "model" in weights else ""
         lines.append(f"{indent}weights {role}{model}: {weights.get('weights', '?')}")
+    for key, value in run["experiment_params"].items():
+        lines.append(f"{indent}param {key} = {value} (changed by the experiment)")
+    if "params" in run:
+        lines.append(f"{indent}{len(run['params'])} params logged (all of them: --json)")
     return lines

@@ -60,10 +60,22 @@ def _numbers(summary: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _tracked(stage: str, params: Params, inputs: Sequence[str | Path]) -> Iterator[Any]:
+def _tracked(
+    stage: str,
+    params: Params,
+    inputs: Sequence[str | Path],
+    outputs: Sequence[str | Path] = (),
+) -> Iterator[Any]:
+    """The stage's MLflow run; ``outputs`` are the paths later stages read (their hashes link
+    a consumer's run to its producer's, see fmbseg.lineage)."""
     from fmbseg.tracking import stage_run
 
-    with stage_run(stage, params, inputs=[str(path) for path in inputs]) as run:
+    with stage_run(
+        stage,
+        params,
+        inputs=[str(path) for path in inputs],
+        outputs=[str(path) for path in outputs],
+    ) as run:
         yield run
 
 
@@ -92,7 +104,7 @@ def pseudolabel(args: argparse.Namespace) -> int:
 
     vocabulary = read_vocabulary_file(args.vocabulary)
     params = params_from_args(args)
-    with _tracked("pseudolabel", params, [args.images, args.vocabulary]) as run:
+    with _tracked("pseudolabel", params, [args.images, args.vocabulary], [args.out]) as run:
         summary = run_pseudolabel(
             params,
             args.images,
@@ -115,7 +127,7 @@ def merge(args: argparse.Namespace) -> int:
 
     params = params_from_args(args)
     out = Path(args.out)
-    with _tracked("merge", params, [args.pseudolabels]) as run:
+    with _tracked("merge", params, [args.pseudolabels], [out]) as run:
         summary = run_merge(params.merge, args.pseudolabels, out)
         summary.pop("class_pixels")
         _record(run, summary)
@@ -130,7 +142,7 @@ def cache_features(args: argparse.Namespace) -> int:
 
     params = params_from_args(args)
     out = Path(args.out)
-    with _tracked("features", params, [args.images, args.labels]) as run:
+    with _tracked("features", params, [args.images, args.labels], [out]) as run:
         summary = run_cache_features(
             params,
             args.images,
@@ -161,7 +173,7 @@ def train(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     given = [str(path) for path in vars(inputs).values() if path is not None]
-    with _tracked("train", params, given) as run:
+    with _tracked("train", params, given, [out, out / "module.safetensors"]) as run:
         run.set_tags({"fmbseg.method": method.name})
 
         def log_epoch(record: dict[str, Any]) -> None:
@@ -221,7 +233,7 @@ def manifest(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     out = Path(args.out)
     vocabulary = training_vocabulary(args.dataset, params.data.vocabulary)
-    with _tracked("manifest", params, [args.dataset]) as run:
+    with _tracked("manifest", params, [args.dataset], [out, out / "classes.txt"]) as run:
         columns = build_manifest(args.dataset, args.split, params.pseudolabel.max_image_pixels)
         path = write_manifest(columns, out)
         write_vocabulary(vocabulary, out)
@@ -271,7 +283,7 @@ def evaluate(args: argparse.Namespace) -> int:
         raise InputError(f"{dataset}: not downloaded yet; run: fmbseg download {args.dataset}")
     out = Path(args.out)
     source = args.pseudolabels or args.model
-    with _tracked("evaluate", params, [dataset, source]) as run:
+    with _tracked("evaluate", params, [dataset, source], [out]) as run:
         run.set_tags({"fmbseg.dataset": dataset.name, "fmbseg.evaluated": str(source)})
         metrics = run_evaluate(
             params,
@@ -306,7 +318,8 @@ def register(args: argparse.Namespace) -> int:
         path.parent.name: json.loads(path.read_text(encoding="utf-8"))["mIoU"]
         for path in sorted(Path(args.evaluations).glob("*/metrics.json"))
     }
-    with _tracked("register", params, [args.model, args.evaluations]) as run:
+    evaluated = [path.parent for path in sorted(Path(args.evaluations).glob("*/metrics.json"))]
+    with _tracked("register", params, [args.model, *evaluated]) as run:
         version = register_module(
             args.model, name=args.name, evaluation=evaluation, run_id=run.run_id
         )
