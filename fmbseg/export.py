@@ -26,11 +26,8 @@ from fmbseg.config import Params
 from fmbseg.errors import FmbsegError, InputError
 from fmbseg.io.atomic import sha256_file, write_text_atomic
 from fmbseg.models.vocabulary import validate_vocabulary
+from fmbseg.onnx_runtime import EXPORT_FILE, EXPORT_FORMAT, IMAGE_FILE, TEXT_FILE
 
-EXPORT_FILE = "export.json"
-EXPORT_FORMAT = "fmbseg-onnx-export"
-IMAGE_FILE = "image_embedder.onnx"
-TEXT_FILE = "text_embeddings.safetensors"
 # Largest difference allowed between onnxruntime and torch on the check batch.
 PARITY_TOLERANCE = 1e-4
 
@@ -46,13 +43,14 @@ def export_onnx(
     """Export ``model`` (a trained folder/file or MLflow URI) with ``class_names`` into
     ``out_dir``, replacing it whole; returns the export record."""
     from fmbseg.methods import read_model_record
-    from fmbseg.registry import resolve_module
-    from fmbseg.segmenter import load_segmenter
+    from fmbseg.predict import open_model
+    from fmbseg.registry import resolve_model
 
     names = validate_vocabulary(class_names)
-    local = resolve_module(model)
-    method = read_model_record(local).method
-    scorer = load_segmenter(params, local).scorer
+    folder = resolve_model(model)
+    method = read_model_record(folder).method
+    segmenter, params = open_model(params, folder)  # a registered model brings its own params
+    scorer = segmenter.scorer
     if not hasattr(scorer, "image_embedder"):
         raise InputError(
             f"export: method {method!r} scores windows with more than a cosine of image and "

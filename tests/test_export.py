@@ -44,7 +44,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("model")
     text_dim = build_text_encoder(tiny_params().models).embed_dim
     torch.manual_seed(0)
-    save_module(AlignmentModule(48, text_dim, heads=2), folder / "module.safetensors", encoder=ENCODER)
+    save_module(
+        AlignmentModule(48, text_dim, heads=2), folder / "module.safetensors", encoder=ENCODER
+    )
     write_model_record(folder, "fmbseg", ("module.safetensors", "module.json"), encoder=ENCODER)
     return folder
 
@@ -99,3 +101,83 @@ def test_a_method_without_an_image_side_is_refused_in_one_line(
     with pytest.raises(InputError, match="ONNX export supports methods whose scorer has"):
         export_onnx(tiny_params(), trained, NAMES, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("size", "out"), [((7, 9), (20, 13)), ((30, 41), (30, 41)), ((50, 60), (9, 31))]
+)
+def test_numpy_resampling_equals_torch_bilinear_without_antialias(
+    size: tuple[int, int], out: tuple[int, int]
+) -> None:
+    import torch.nn.functional as F
+
+    from fmbseg.onnx_runtime import resample_bilinear
+
+    array = np.random.default_rng(0).random((3, *size), dtype=np.float32) * 255
+    expected = F.interpolate(torch.from_numpy(array)[None], size=out, mode="bilinear")[0]
+    assert np.abs(resample_bilinear(array, out) - expected.numpy()).max() <= 1e-3
+
+
+@pytest.mark.parametrize("aggregate", ["pixels", "patches"])
+def test_the_onnx_runtime_segments_as_the_torch_segmenter_does(
+    trained: Path, exported: Path, aggregate: str
+) -> None:
+    from fmbseg.onnx_runtime import OnnxSegmenter
+    from fmbseg.oracle.scenes import OracleWorld, make_scene
+
+    params = tiny_params()
+    params = params.model_copy(
+        update={"inference": params.inference.model_copy(update={"aggregate": aggregate})}
+    )
+    runtime = OnnxSegmenter(exported)
+    runtime.config = params.inference
+    segmenter = load_segmenter(params, trained)
+    names = ["sky", "cat", "grass"]
+    for height, width in [(61, 90), (40, 40)]:
+        image = make_scene(OracleWorld(), height, width, seed=height).image
+        expected = segmenter.score(image, segmenter.scorer.prepare(tuple(names))).numpy()
+        got = runtime.score(image, runtime.text[runtime.rows(names)])
+        assert got.shape == expected.shape == (3, height, width)
+        assert np.abs(got - expected).max() <= 1e-4
+        assert (runtime.segment(image, names) == expected.argmax(0)).mean() >= 0.999
+
+
+def test_the_onnx_runtime_needs_no_torch(exported: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked")
+sys.meta_path.insert(0, NoTorch())
+import numpy as np
+from fmbseg.onnx_runtime import OnnxSegmenter
+labels = OnnxSegmenter({str(exported)!r}).segment(np.zeros((30, 40, 3), np.uint8), ["dog", "cat"])
+assert labels.shape == (30, 40), labels.shape
+assert "torch" not in sys.modules
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_the_onnx_runtime_refuses_altered_files_and_unknown_classes(
+    exported: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from fmbseg.errors import WeightsError
+    from fmbseg.onnx_runtime import OnnxSegmenter
+
+    with pytest.raises(InputError, match="'horse' is not in the exported vocabulary"):
+        OnnxSegmenter(exported).rows(["cat", "horse"])
+    altered = tmp_path / "altered"
+    shutil.copytree(exported, altered)
+    with (altered / TEXT_FILE).open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(WeightsError, match="sha256 differs"):
+        OnnxSegmenter(altered)
