@@ -361,23 +361,26 @@ def _check_architecture(name: str) -> None:
     if options:
         raise ConfigError(
             f"models.clip.model: {name} has no plain open_clip ViT image tower "
-            f"({', '.join(options)}); dense patch embeddings need one"
+            f"({', '.join(options)}); Stage 1's dense patch embeddings need a CLIP-style ViT "
+            "(its text tower can still be Stage 2's text space: models.text.backend=open_clip)"
         )
 
 
-def _pretrained_cfg(name: str, tag: str | None) -> dict[str, Any]:
+def _pretrained_cfg(name: str, tag: str | None, role: str = "clip") -> dict[str, Any]:
     if tag is None:
         return {}
     pretrained_cfg = open_clip.get_pretrained_cfg(name, tag)
     if not pretrained_cfg:
         known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise ConfigError(
-            f"models.clip.pretrained: {tag!r} is not an open_clip tag of {name} (known: {known})"
+            f"models.{role}.pretrained: {tag!r} is not an open_clip tag of {name} (known: {known})"
         )
     return pretrained_cfg
 
 
-def _weights_request(name: str, tag: str | None, pretrained_cfg: dict[str, Any]) -> WeightsRequest:
+def _weights_request(
+    name: str, tag: str | None, pretrained_cfg: dict[str, Any], role: str = "clip"
+) -> WeightsRequest:
     stem = f"{name}-{tag}" if tag else name
     source_url: str | None = None
     hub = pretrained_cfg.get("hf_hub", "")
@@ -392,7 +395,7 @@ def _weights_request(name: str, tag: str | None, pretrained_cfg: dict[str, Any])
         return Path(open_clip.download_pretrained(pretrained_cfg))
 
     return WeightsRequest(
-        role="clip",
+        role=role,
         model=f"{name}:{tag}" if tag else name,
         filenames=tuple(f"{stem}{suffix}" for suffix in CHECKPOINT_SUFFIXES),
         source_url=source_url,

@@ -40,6 +40,7 @@ _registry: dict[str, dict[str, Factory | str]] = {
     "text": {
         "clip": "fmbseg.models.registry:build_vision_language_model",
         "transformers": "fmbseg.models.text_transformers:build",
+        "open_clip": "fmbseg.models.text_open_clip:build",
     },
 }
 
