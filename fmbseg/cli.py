@@ -112,9 +112,14 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     parser.add_argument("--classes", required=True, help='"cat,dog,grass" or a file, one per line')
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help="module file or MLflow URI (models:/fmbseg@champion)"
+        "--model",
+        default=DEFAULT_MODEL,
+        help="trained model folder or MLflow URI (models:/fmbseg@champion)",
     )
     parser.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--background", help="the class that stands for background (inference.background rule)"
+    )
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -314,6 +319,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        from fmbseg.extras import missing_extra_message
+
+        message = missing_extra_message(exc, args.command)
+        if message is None or args.debug:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

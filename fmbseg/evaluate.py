@@ -96,12 +96,12 @@ def run_evaluate(
     matrix = ConfusionMatrix(len(names) + int(extra), spec.ignore_index)
     if model is not None:
         from fmbseg.protocols import resolve_protocol
-        from fmbseg.registry import resolve_module
+        from fmbseg.registry import resolve_model
         from fmbseg.segmenter import load_segmenter
 
         protocol = resolve_protocol(params.inference, spec)
         resolved = params.model_copy(update={"inference": protocol.inference})
-        segmenter = load_segmenter(resolved, resolve_module(model))
+        segmenter = load_segmenter(resolved, resolve_model(model))
         background = _background_rule(protocol, segmenter.scorer)
         described = protocol.record() | {
             "background_rule": "none" if background is None else background.rule

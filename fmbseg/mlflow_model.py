@@ -1,37 +1,44 @@
-"""The MLflow "model from code" of a trained alignment module (see :mod:`fmbseg.registry`).
+"""The MLflow "model from code" of a registered fmbseg model (see :mod:`fmbseg.registry`).
 
 MLflow copies this file into the logged model and runs it on load, so no Python object is
-pickled: the weights travel as the module's own safetensors + JSON artifacts and are checked
-against their sha256 when loaded. Input: frozen-encoder patch features, float32 (B, N, C);
-output: the module's unit vectors in CLIP's text space, (B, N, D).
+pickled: the model travels as its own files (``artifacts/model``) with ``serving.json``, and
+loading rebuilds it through :func:`fmbseg.serving.load_registered`, which checks every file's
+sha256 and every model role's weight provenance.
+
+Input: a DataFrame with an ``image`` column (encoded PNG/JPEG; base64 text in JSON requests;
+in Python also (H, W, 3) uint8 arrays) and request params ``classes`` (list of names),
+``background`` (optional: the class that stands for background) and ``return_scores``.
+Output: one row per image with ``labels`` (H, W) indices into ``classes`` and, when asked,
+``score`` (H, W), the winning score per pixel.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 from mlflow.pyfunc import PythonModel
 
 
-class AlignmentModuleModel(PythonModel):
+class SegmenterModel(PythonModel):
     def load_context(self, context: Any) -> None:
-        from fmbseg.align.module import load_module
+        from fmbseg.serving import load_registered
 
-        self.module, self.info = load_module(context.artifacts["module"])
-        self.module.eval()
+        self.segmenter, self.params = load_registered(Path(context.artifacts["model"]))
 
-    # np.ndarray: a hint MLflow accepts without deriving a schema from it; the logged
-    # signature states the tensor shapes.
-    def predict(
-        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
-    ) -> np.ndarray:
-        import torch
+    # No type hints on the input: the logged signature states the schema.
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None):  # noqa: ANN001
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        features = torch.from_numpy(np.asarray(model_input, dtype=np.float32))
-        with torch.no_grad():
-            return self.module(features).numpy()
+        from fmbseg.errors import InputError
+        from fmbseg.serving import segment_request
+
+        try:
+            return segment_request(self.segmenter, self.params, model_input, params or {})
+        except InputError as exc:  # the request's fault: HTTP 400 with the one-line reason
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
 
-mlflow.models.set_model(AlignmentModuleModel())
+mlflow.models.set_model(SegmenterModel())

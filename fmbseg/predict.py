@@ -1,26 +1,38 @@
 """``fmbseg predict``: segment images with any list of class names.
 
 For each image it writes ``<id>.png`` (palette label map, pixel value = class index) and
-``<id>_overlay.png`` (the image blended with the labels, with a legend). Unreadable images are
-reported and skipped.
+``<id>_overlay.png`` (the image blended with the labels, with a legend), and once
+``classes.json`` (label value -> class name). Unreadable images are reported and skipped; the
+summary lists them and the command exits non-zero.
+
+A local trained folder runs with the given params; a registry model (``models:/...``) runs
+with the ``models`` and ``inference`` params it was registered with, exactly as when served.
 """
 
 from __future__ import annotations
 
+import colorsys
+import functools
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fmbseg.config import Params
+from fmbseg.config import InferenceConfig, Params
 from fmbseg.errors import InputError
-from fmbseg.io.atomic import atomic_write
+from fmbseg.io.atomic import atomic_write, write_text_atomic
 from fmbseg.io.images import image_id, list_images, read_rgb
 from fmbseg.models.vocabulary import validate_vocabulary
 
+if TYPE_CHECKING:
+    from fmbseg.segmenter import Background, OpenVocabularySegmenter
+
 log = logging.getLogger(__name__)
+
+CLASSES_FILE = "classes.json"
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
@@ -42,11 +54,34 @@ def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
     return list(found.items())
 
 
-def palette() -> np.ndarray:
-    """(256, 3) uint8 colours, class index -> colour (the Pascal VOC colour map)."""
-    import imgviz
+def label_palette(count: int) -> np.ndarray:
+    """(count, 3) uint8 colours, class index -> colour: bright saturated colours only (no
+    black, grey or white, so no class looks like shadow or like the image's own muted
+    colours), each as far from the ones before it as the set allows, so the few classes of a
+    typical vocabulary are the easiest to tell apart. A class keeps its colour for any count."""
+    order = _palette_order()
+    return np.resize(order, (count, 3)) if count > len(order) else order[:count].copy()
 
-    return imgviz.label_colormap()
+
+@functools.cache
+def _palette_order() -> np.ndarray:
+    """Farthest-point order (from pure red) over 72 hues x 2 saturations x 2 brightnesses."""
+    candidates = np.array(
+        [
+            colorsys.hsv_to_rgb(hue / 72, saturation, value)
+            for hue in range(72)
+            for saturation in (0.95, 0.7)
+            for value in (1.0, 0.8)
+        ]
+    )
+    candidates = np.round(candidates * 255)
+    order = [0]
+    distance = np.linalg.norm(candidates - candidates[0], axis=1)
+    for _ in range(len(candidates) - 1):
+        chosen = int(distance.argmax())
+        order.append(chosen)
+        distance = np.minimum(distance, np.linalg.norm(candidates - candidates[chosen], axis=1))
+    return candidates[order].astype(np.uint8)
 
 
 def write_label_png(path: Path, labels: np.ndarray, count: int) -> None:
@@ -55,7 +90,7 @@ def write_label_png(path: Path, labels: np.ndarray, count: int) -> None:
 
     if count <= 256:
         image = Image.fromarray(labels.astype(np.uint8), mode="P")
-        image.putpalette(palette().flatten().tolist())
+        image.putpalette(label_palette(count).flatten().tolist())
     else:
         image = Image.fromarray(labels.astype(np.uint16))
     with atomic_write(path) as handle:
@@ -71,10 +106,64 @@ def write_overlay_png(
     present = {int(k): names[int(k)] for k in np.unique(labels)}
     font_size = max(10, min(image.shape[:2]) // 30)
     overlay = imgviz.label2rgb(
-        labels, image=image, label_names=present, colormap=palette(), font_size=font_size
+        labels,
+        image=image,
+        label_names=present,
+        colormap=label_palette(len(names)),
+        font_size=font_size,
     )
     with atomic_write(path) as handle:
         Image.fromarray(overlay).save(handle, format="PNG")
+
+
+def background_rule(
+    inference: InferenceConfig, names: Sequence[str], background: str | None
+) -> Background | None:
+    """How the class named ``background`` is predicted (``inference.background``'s rule), or
+    None when no class stands for background."""
+    from fmbseg.segmenter import Background
+
+    if background is None:
+        return None
+    if background not in names:
+        raise InputError(f"background class {background!r} is not one of the classes {names}")
+    index = list(names).index(background)
+    if inference.background == "stuff":
+        from fmbseg.datasets.registry import coco_stuff_stuff_names
+
+        return Background(index, stuff_names=tuple(coco_stuff_stuff_names()))
+    return Background(index, threshold=inference.background_threshold)
+
+
+def open_model(params: Params, model: str | Path) -> tuple[OpenVocabularySegmenter, Params]:
+    """The segmenter of a trained folder (with ``params``) or of a registry model (with its
+    registered params, its files and weights checked), and the params it runs with."""
+    from fmbseg.registry import resolve_model
+    from fmbseg.segmenter import load_segmenter
+    from fmbseg.serving import SERVING_FILE, load_registered
+
+    folder = resolve_model(model)
+    if (folder / SERVING_FILE).is_file():
+        return load_registered(folder)
+    return load_segmenter(params, folder), params
+
+
+def write_classes(out: Path, names: Sequence[str]) -> None:
+    """``classes.json`` (label value -> name); refuses a folder predicted with other classes,
+    whose label PNGs would then mean two things."""
+    file = out / CLASSES_FILE
+    mapping = {str(index): name for index, name in enumerate(names)}
+    if file.is_file():
+        try:
+            previous = json.loads(file.read_text(encoding="utf-8"))
+        except ValueError:
+            previous = None
+        if previous != mapping:
+            raise InputError(
+                f"{file}: the folder holds predictions for other classes; "
+                "choose another --out or empty it"
+            )
+    write_text_atomic(file, json.dumps(mapping, indent=2, ensure_ascii=False) + "\n")
 
 
 def run_predict(
@@ -84,17 +173,19 @@ def run_predict(
     model: str | Path,
     out_dir: str | Path,
     *,
+    background: str | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
+    """Segment every image; ``failed`` in the summary maps the ones that could not be read
+    to why."""
     from tqdm import tqdm
-
-    from fmbseg.registry import resolve_module
-    from fmbseg.segmenter import load_segmenter
 
     names = validate_vocabulary(class_names)
     images = collect_images(inputs)
-    segmenter = load_segmenter(params, resolve_module(model))
+    segmenter, used = open_model(params, model)
+    rule = background_rule(used.inference, names, background)
     out = Path(out_dir)
+    write_classes(out, names)
     failed: dict[str, str] = {}
     for key, path in tqdm(images, unit="img", desc="predict", disable=not show_progress):
         try:
@@ -103,7 +194,7 @@ def run_predict(
             log.warning("skipped %s", exc)
             failed[key] = str(exc)
             continue
-        labels = segmenter.segment(image, names).labels
+        labels = segmenter.segment(image, names, rule).labels
         write_label_png(out / f"{key}.png", labels, len(names))
         write_overlay_png(out / f"{key}_overlay.png", image, labels, names)
     return {"images": len(images) - len(failed), "failed": failed, "out": str(out)}

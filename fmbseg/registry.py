@@ -1,7 +1,9 @@
-"""The model registry: register trained modules, promote by evaluation, resolve for use.
+"""The model registry: register trained models, promote by evaluation, resolve for use.
 
-A trained module is registered as a new version of ``fmbseg`` with the alias ``candidate``
-and its per-dataset mIoU as version tags. ``promote`` moves ``champion`` to the candidate only
+A trained model (any method's folder with a ``model.json``) is registered as a new version of
+``fmbseg`` with the alias ``candidate``, its method, weight provenance and per-dataset mIoU as
+version tags. The version is an MLflow "model from code" that segments images (see
+:mod:`fmbseg.serving`). ``promote`` moves ``champion`` to the candidate only
 when the candidate's mean mIoU over the configured datasets is strictly higher, and records the
 comparison on the candidate. Aliases, not the deprecated registry stages, mark the roles, so
 serving code asks for ``models:/fmbseg@champion``.
@@ -9,8 +11,11 @@ serving code asks for ``models:/fmbseg@champion``.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import re
+import shutil
 import statistics
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -24,28 +29,39 @@ from fmbseg.errors import FmbsegError, WeightsError
 from fmbseg.tracking import experiment_id, safe_key
 
 if TYPE_CHECKING:
+    import pandas as pd
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
+
+    from fmbseg.config import Params
 
 DEFAULT_NAME = "fmbseg"
 CANDIDATE = "candidate"
 CHAMPION = "champion"
-MODULE_FILE = "module.safetensors"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 PACKAGE_DIR = Path(__file__).parent
-# What the model-from-code needs besides fmbseg itself, which travels in the model's code/.
-REQUIREMENTS = ("torch", "safetensors", "numpy")
-# Files of the training folder stored with the weights, for reproduction and lineage.
+# The registered model's folder: an artifact directory of the logged model.
+MODEL_ARTIFACT = "model"
+# Files of the training folder stored with the model, for reproduction and lineage.
 RECORD_FILES = ("run.json", "metrics.json")
 MIOU_PREFIX = "miou."
-SHA_TAG = "module.sha256"
+METHOD_TAG = "fmbseg.method"
+SHA_TAG = "model.sha256"
+WEIGHTS_TAG_PREFIX = "weights."
+EXAMPLE_CLASSES = ("sky", "grass", "road", "building")
+CACHE_ENV = "FMBSEG_CACHE_DIR"
 _URI = re.compile(r"^[A-Za-z][\w+.-]+:/")
 
 
 def pip_requirements() -> list[str]:
-    """Pins of the installed versions, without local tags (``2.13.0+cpu`` -> ``2.13.0``), so
-    a CUDA machine installs its own build of the same release."""
-    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
+    """fmbseg's own requirements (the light install; its code travels in the model) pinned to
+    the installed versions without local tags (``2.13.0+cpu`` -> ``2.13.0``), so a CUDA
+    machine installs its own build of the same release."""
+    from packaging.requirements import Requirement
+
+    required = [Requirement(text) for text in metadata.requires("fmbseg") or []]
+    names = sorted({item.name for item in required if item.marker is None})
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in names]
 
 
 def miou_tag(dataset: str) -> str:
@@ -65,38 +81,32 @@ def evaluation_tags(evaluation: Mapping[str, float]) -> dict[str, str]:
 def register_module(
     train_dir: str | Path,
     *,
+    params: Params,
     name: str = DEFAULT_NAME,
     evaluation: Mapping[str, float] | None = None,
     run_id: str | None = None,
 ) -> int:
-    """Log ``train_dir``'s module as an MLflow model in run ``run_id`` (default: the active
-    run, else a new ``register`` run), register it as a new version of ``name`` tagged with
-    its sha256 and per-dataset mIoU, and point ``candidate`` at it; returns the version."""
-    import mlflow
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    """Log the trained model in ``train_dir`` (any method) as an MLflow model in run ``run_id``
+    (default: the active run, else a new ``register`` run), register it as a new version of
+    ``name`` and point ``candidate`` at it; returns the version.
 
-    from fmbseg.align.module import architecture_path, read_module_info
+    The model is loaded once with ``params`` first: that proves it works with them and gives
+    the weight provenance of every model role, stored with the ``models`` and ``inference``
+    params so serving rebuilds the same models (see :mod:`fmbseg.serving`).
+    """
+    import mlflow
+
+    from fmbseg.methods import MODEL_FILE, read_model_record
+    from fmbseg.segmenter import load_segmenter
+    from fmbseg.serving import write_serving_record
 
     folder = Path(train_dir)
-    weights = folder / MODULE_FILE
-    info = read_module_info(weights)
-    if not weights.is_file():
-        raise WeightsError(f"{weights}: alignment module weights not found")
-    artifacts = {"module": weights, "module_info": architecture_path(weights)}
-    if info.text_embeddings is not None:
-        artifacts["text_embeddings"] = folder / info.text_embeddings
-    artifacts.update({file: folder / file for file in RECORD_FILES if (folder / file).is_file()})
-    missing = [str(path) for path in artifacts.values() if not path.is_file()]
+    record = read_model_record(folder)
+    files = [*record.files, MODEL_FILE, *(f for f in RECORD_FILES if (folder / f).is_file())]
+    missing = [name for name in files if not (folder / name).is_file()]
     if missing:
-        raise WeightsError(f"{missing[0]}: file of the trained module in {folder} not found")
-    tags = {SHA_TAG: info.weights_sha256, "module.encoder": info.encoder}
-    tags.update(evaluation_tags(evaluation or {}))
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, info.spec.in_dim))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, info.spec.text_dim))]),
-    )
+        raise WeightsError(f"{folder / missing[0]}: file of the trained model not found")
+    provenance = load_segmenter(params, folder).scorer.provenance
 
     client = mlflow.MlflowClient()
     active = mlflow.active_run()
@@ -107,22 +117,35 @@ def register_module(
         run_id = active.info.run_id
     status = "FAILED"
     try:
-        # Created first so the model's files go to its run's experiment, whatever run is active.
-        logged_model = mlflow.initialize_logged_model(
-            name="module",
-            source_run_id=run_id,
-            experiment_id=client.get_run(run_id).info.experiment_id,
-        )
-        mlflow.pyfunc.log_model(
-            name="module",
-            model_id=logged_model.model_id,
-            python_model=str(MODEL_CODE),
-            artifacts={key: str(path) for key, path in artifacts.items()},
-            code_paths=[str(PACKAGE_DIR)],
-            pip_requirements=pip_requirements(),
-            signature=signature,
-            input_example=np.zeros((1, 1, info.spec.in_dim), np.float32),
-        )
+        with tempfile.TemporaryDirectory(prefix="fmbseg-register-") as staging:
+            model_dir = Path(staging) / MODEL_ARTIFACT
+            for file in files:
+                (model_dir / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(folder / file, model_dir / file)
+            serving = write_serving_record(model_dir, params, provenance, files)
+            tags = {
+                METHOD_TAG: record.method,
+                SHA_TAG: _files_digest(serving.files),
+                **{WEIGHTS_TAG_PREFIX + role: tag for role, tag in serving.provenance.items()},
+                **evaluation_tags(evaluation or {}),
+            }
+            # Created first so the model's files go to its run's experiment, whatever run is
+            # active.
+            logged_model = mlflow.initialize_logged_model(
+                name=MODEL_ARTIFACT,
+                source_run_id=run_id,
+                experiment_id=client.get_run(run_id).info.experiment_id,
+            )
+            mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                model_id=logged_model.model_id,
+                python_model=str(MODEL_CODE),
+                artifacts={MODEL_ARTIFACT: str(model_dir)},
+                code_paths=[str(PACKAGE_DIR)],
+                pip_requirements=pip_requirements(),
+                signature=serving_signature(),
+                input_example=(example_request(), {"classes": list(EXAMPLE_CLASSES)}),
+            )
         version = mlflow.register_model(f"models:/{logged_model.model_id}", name, tags=tags)
         status = "FINISHED"
     finally:
@@ -130,6 +153,54 @@ def register_module(
             client.set_terminated(run_id, status)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     return int(version.version)
+
+
+def serving_signature():  # -> mlflow.models.ModelSignature (mlflow is imported lazily)
+    """Images in a column (encoded PNG/JPEG: base64 text in JSON; in Python also (H, W, 3)
+    uint8 arrays), the vocabulary and options as request params; one label map per image."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    from fmbseg import serving
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary, serving.IMAGE_COLUMN)]),
+        outputs=Schema(
+            [
+                ColSpec(Array(Array(DataType.long)), serving.LABELS_COLUMN),
+                ColSpec(Array(Array(DataType.float)), serving.SCORE_COLUMN, required=False),
+            ]
+        ),
+        params=ParamSchema(
+            [
+                ParamSpec(serving.CLASSES_PARAM, DataType.string, [], shape=(-1,)),
+                ParamSpec(serving.BACKGROUND_PARAM, DataType.string, ""),
+                ParamSpec(serving.SCORE_PARAM, DataType.boolean, False),
+            ]
+        ),
+    )
+
+
+def example_request() -> pd.DataFrame:
+    """One small PNG (a sky-over-grass gradient) as the logged input example."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rows = np.linspace(0, 1, 32)[:, None, None]
+    sky, grass = np.array([110, 160, 230]), np.array([70, 150, 60])
+    pixels = np.where(rows < 0.5, sky, grass) * np.ones((32, 48, 1))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+    return pd.DataFrame({"image": [buffer.getvalue()]})
+
+
+def _files_digest(files: Mapping[str, str]) -> str:
+    lines = "".join(f"{digest}  {name}\n" for name, digest in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def record_evaluation(name: str, version: int, evaluation: Mapping[str, float]) -> None:
@@ -245,28 +316,65 @@ def _mean_miou(version: ModelVersion, datasets: tuple[str, ...], alias: str) -> 
     return statistics.fmean(float(tags[miou_tag(dataset)]) for dataset in datasets)
 
 
-def resolve_module(model: str | Path, *, dst_dir: str | Path | None = None) -> Path:
-    """The local ``module.safetensors`` of ``model``: a path to that file or to a folder
-    holding it, or an MLflow URI (``models:/fmbseg@champion``, ``models:/fmbseg/3``,
-    ``runs:/<id>/<path>``) downloaded into ``dst_dir`` (default: a new temporary folder)."""
+def cache_dir() -> Path:
+    """Where registry models are kept once downloaded: ``$FMBSEG_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/fmbseg`` or ``~/.cache/fmbseg``."""
+    if configured := os.environ.get(CACHE_ENV):
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fmbseg"
+
+
+def resolve_model(model: str | Path) -> Path:
+    """The local folder of a trained model: a folder (or a file in it) as given, or an MLflow
+    URI (``models:/fmbseg@champion``, ``models:/fmbseg/3``, ``runs:/<id>/model``) downloaded
+    once into :func:`cache_dir`, keyed by the registered version (or model id, or run path)
+    it names, and reused by later calls."""
+    from fmbseg.methods import MODEL_FILE, model_folder
+
     text = str(model)
     if not _URI.match(text):
         path = Path(text)
-        if path.is_dir():
-            path = path / MODULE_FILE
-        if not path.is_file():
-            raise WeightsError(f"{path}: alignment module not found")
-        return path
+        if not path.exists():
+            raise WeightsError(f"{path}: trained model not found")
+        return model_folder(path)
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    target = Path(dst_dir) if dst_dir is not None else Path(tempfile.mkdtemp(prefix="fmbseg-"))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(target)))
+        key = _cache_key(text)
+        target = cache_dir() / "models" / key
+        if not (target / MODEL_FILE).is_file():
+            shutil.rmtree(target, ignore_errors=True)  # left by an interrupted older version
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{key}.") as staging:
+                local = Path(mlflow.artifacts.download_artifacts(text, dst_path=staging))
+                found = local / "artifacts" / MODEL_ARTIFACT
+                if not (found / MODEL_FILE).is_file():
+                    raise WeightsError(f"{text}: holds no fmbseg model ({MODEL_FILE} not found)")
+                try:
+                    os.replace(found, target)
+                except OSError:  # another process put the same model there first
+                    if not (target / MODEL_FILE).is_file():
+                        raise
     except MlflowException as exc:
         reason = exc.message.strip().splitlines()[0] if exc.message.strip() else exc.error_code
         raise WeightsError(f"{text}: cannot download the model ({reason})") from None
-    for candidate in (local / "artifacts" / MODULE_FILE, local / MODULE_FILE, local):
-        if candidate.name == MODULE_FILE and candidate.is_file():
-            return candidate
-    raise WeightsError(f"{text}: holds no {MODULE_FILE}, so it is not an fmbseg module model")
+    return target
+
+
+def _cache_key(uri: str) -> str:
+    """What a model URI names, independent of aliases: the store and the registered version
+    (or logged model id, or run artifact path)."""
+    import mlflow
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    names = (
+        get_model_name_and_version(mlflow.MlflowClient(), uri)
+        if uri.startswith("models:/")
+        else (uri,)
+    )
+    names = tuple(map(str, names))
+    identity = "\n".join((mlflow.get_tracking_uri(), mlflow.get_registry_uri(), *names))
+    readable = re.sub(r"[^\w.-]+", "_", "-".join(names))[-60:]
+    return f"{readable}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"

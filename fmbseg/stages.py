@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -257,8 +258,17 @@ def predict(args: argparse.Namespace) -> int:
         class_names_argument(args.classes),
         args.model,
         args.out,
+        background=args.background,
     )
     _print(summary)
+    if summary["failed"]:
+        failed = summary["failed"]
+        print(
+            f"error: {len(failed)} of {len(failed) + summary['images']} images failed: "
+            + "; ".join(failed.values()),
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -321,7 +331,7 @@ def register(args: argparse.Namespace) -> int:
     evaluated = [path.parent for path in sorted(Path(args.evaluations).glob("*/metrics.json"))]
     with _tracked("register", params, [args.model, *evaluated]) as run:
         version = register_module(
-            args.model, name=args.name, evaluation=evaluation, run_id=run.run_id
+            args.model, params=params, name=args.name, evaluation=evaluation, run_id=run.run_id
         )
     record = {"name": args.name, "version": version, "alias": "candidate", "mIoU": evaluation}
     write_text_atomic(args.out, json.dumps(record, indent=2))

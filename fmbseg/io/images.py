@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,28 +55,42 @@ def read_rgb(
 
     ``exif_transpose=False`` keeps the stored pixel order, which benchmark masks are drawn on.
     """
+    file = Path(path)
+    return _decode_rgb(file, str(file), max_pixels, exif_transpose)
+
+
+def decode_rgb(
+    data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, *, exif_transpose: bool = True
+) -> np.ndarray:
+    """:func:`read_rgb` for an encoded image in memory (an upload, a request); errors say
+    ``name``."""
+    import io
+
+    return _decode_rgb(io.BytesIO(data), name, max_pixels, exif_transpose)
+
+
+def _decode_rgb(source: Any, name: str, max_pixels: int, exif_transpose: bool) -> np.ndarray:
     from PIL import Image, ImageOps
 
-    file = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(file) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise InputError(
-                        f"{file}: {width}x{height} pixels exceeds the limit of {max_pixels}"
+                        f"{name}: {width}x{height} pixels exceeds the limit of {max_pixels}"
                     )
                 image.load()
                 array = _to_rgb_array(ImageOps.exif_transpose(image) if exif_transpose else image)
     except InputError:
         raise
     except FileNotFoundError:
-        raise InputError(f"{file}: no such file") from None
+        raise InputError(f"{name}: no such file") from None
     except Image.DecompressionBombError:
-        raise InputError(f"{file}: image too large (decompression bomb guard)") from None
+        raise InputError(f"{name}: image too large (decompression bomb guard)") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise InputError(f"{file}: cannot decode image ({exc})") from None
+        raise InputError(f"{name}: cannot decode image ({exc})") from None
     if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise InputError(f"{file}: empty image")
+        raise InputError(f"{name}: empty image")
     return array
