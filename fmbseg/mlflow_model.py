@@ -28,7 +28,7 @@ class SegmenterModel(PythonModel):
         self.segmenter, self.params = load_registered(Path(context.artifacts["model"]))
 
     # No type hints on the input: the logged signature states the schema.
-    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None):  # noqa: ANN001
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
