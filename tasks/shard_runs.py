@@ -110,20 +110,18 @@ class Limits:
     poll_seconds: float
 
 
-def supervise(
-    dispatch: Callable[[int], Any], count: int, limits: Limits, clock=time.monotonic
-) -> None:
+def supervise(dispatch: Callable[[int], Any], count: int, limits: Limits) -> None:
     """Dispatch shards ``0..count-1`` with ``dispatch(index) -> flow run id`` and wait until all
     are completed; crashed or silent runs are dispatched again, up to ``limits.retries`` times.
     Raises :class:`ShardRunsFailed` naming the first shard that cannot be completed."""
     from prefect.client.orchestration import get_client
 
-    now = clock()
+    now = time.monotonic()
     runs = [ShardRun(i, count, dispatch(i), 1, now, last_change=now) for i in range(count)]
     with get_client(sync_client=True) as client:
         while runs:
             for run in list(runs):
-                verdict = _check(client, run, limits, clock())
+                verdict = _check(client, run, limits, time.monotonic())
                 if verdict == "completed":
                     runs.remove(run)
                 elif verdict is not None:  # crashed: why
@@ -135,7 +133,7 @@ def supervise(
                         )
                     run.run_id = dispatch(run.index)
                     run.dispatches += 1
-                    run.started = run.last_change = clock()
+                    run.started = run.last_change = time.monotonic()
                     run.last_sign = None
             if runs:
                 time.sleep(limits.poll_seconds)
