@@ -79,6 +79,17 @@ def _features_arguments(parser: argparse.ArgumentParser) -> None:
     _restart_argument(parser)
 
 
+def _masks_arguments(parser: argparse.ArgumentParser) -> None:
+    _params_arguments(parser)
+    parser.add_argument("--images", required=True, help="folder of the training images")
+    parser.add_argument("--out", required=True, help="output folder (resumable)")
+    parser.add_argument(
+        "--pseudolabels", default=None, help="a finished pseudolabel folder whose route 1.2 to reuse"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    _restart_argument(parser)
+
+
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _params_arguments(parser)
     parser.add_argument("--features", default=None, help="a finished feature cache")
@@ -156,10 +167,13 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument(
         "--protocol",
-        choices=("tcl", "sclip"),
+        choices=("tcl", "sclip", "pascal5i", "coco20i", "mosaic4"),
         default=None,
-        help="evaluation protocol (default: inference.protocol; docs/method.md)",
+        help="evaluation protocol (default: inference.protocol; docs/method.md); pascal5i, "
+        "coco20i, mosaic4: Fusioner's 1-way episodes",
     )
+    parser.add_argument("--fold", type=int, default=None, help="pascal5i/coco20i fold (0-3)")
+    parser.add_argument("--mosaics", type=int, default=1000, help="mosaic4: how many (seed 0)")
 
 
 def _register_arguments(parser: argparse.ArgumentParser) -> None:
@@ -214,6 +228,12 @@ COMMANDS: tuple[Command, ...] = (
         "Stage 2: frozen-encoder patch features and patch pseudo-labels, sharded",
         "fmbseg.stages:cache_features",
         _features_arguments,
+    ),
+    Command(
+        "masks",
+        "class-agnostic masks of every image (SAM or DINO k-means) for methods that train on them",
+        "fmbseg.stages:masks",
+        _masks_arguments,
     ),
     Command(
         "train",

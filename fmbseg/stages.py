@@ -159,6 +159,27 @@ def cache_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def masks(args: argparse.Namespace) -> int:
+    """Class-agnostic masks for the method ``train.method`` names (a marker when it needs none)."""
+    from fmbseg.pseudolabel.agnostic import run_masks
+
+    params = params_from_args(args)
+    with _tracked("masks", params, [args.images]) as run:
+        summary = run_masks(
+            params,
+            args.images,
+            args.out,
+            pseudolabels=args.pseudolabels,
+            limit=args.limit,
+            restart_if_changed=args.restart_if_changed,
+        )
+        summary.pop("failed_images", None)
+        run.set_tags({"fmbseg.mask_source": summary.get("source", "none")})
+        _record(run, summary, [Path(args.out) / "summary.json"])
+    _print(summary)
+    return 0
+
+
 def train(args: argparse.Namespace) -> int:
     """Train the Stage 2 method ``train.method`` names on what the earlier stages produced."""
     from fmbseg.methods import TrainInputs, get_method
@@ -187,6 +208,8 @@ def train(args: argparse.Namespace) -> int:
             on_epoch=log_epoch,
             restart_if_changed=args.restart_if_changed,
         )
+        if "mask_source" in metrics:  # methods trained on class-agnostic masks (PixelCLIP)
+            run.set_tags({"fmbseg.mask_source": str(metrics["mask_source"])})
         _record(
             run,
             metrics,
@@ -272,9 +295,43 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_episodes(args: argparse.Namespace) -> int:
+    """Fusioner's 1-way episode protocols on a dataset folder (mosaic4: a class-folder set)."""
+    from fmbseg.evaluation.episodes import run_episodes
+
+    params = params_from_args(args)
+    dataset = Path(args.dataset)
+    if not dataset.is_dir():
+        dataset = Path(args.root or params.data.root) / args.dataset
+    if not dataset.is_dir():
+        raise InputError(f"{args.dataset}: no such dataset folder")
+    out = Path(args.out)
+    with _tracked("evaluate", params, [dataset, args.model], [out]) as run:
+        run.set_tags({"fmbseg.dataset": dataset.name, "fmbseg.protocol": args.protocol})
+        metrics = run_episodes(
+            params,
+            dataset,
+            out,
+            protocol=args.protocol,
+            model=args.model,
+            fold=args.fold,
+            split=args.split,
+            limit=args.limit,
+            mosaics=args.mosaics,
+        )
+        _record(
+            run, {k: metrics[k] for k in ("mIoU", "FB-IoU", "episodes")}, [out / "metrics.json"]
+        )
+    _print({k: metrics[k] for k in ("mIoU", "FB-IoU", "episodes", "protocol", "fold")})
+    return 0
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from fmbseg.evaluate import run_evaluate
+    from fmbseg.evaluation.episodes import EPISODE_PROTOCOLS
 
+    if args.protocol in EPISODE_PROTOCOLS:
+        return evaluate_episodes(args)
     if args.protocol:
         args.overrides = [*args.overrides, f"inference.protocol={args.protocol}"]
     params = params_from_args(args)
