@@ -84,7 +84,7 @@ def _masks_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="folder of the training images")
     parser.add_argument("--out", required=True, help="output folder (resumable)")
     parser.add_argument(
-        "--pseudolabels", default=None, help="a finished pseudolabel folder whose route 1.2 to reuse"
+        "--pseudolabels", default=None, help="a finished pseudolabel run: its route 1.2 is reused"
     )
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     _restart_argument(parser)
