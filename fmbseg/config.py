@@ -259,6 +259,9 @@ class InferenceConfig(FrozenConfig):
     # from SCLIP's configs instead. Recorded in metrics.json and MLflow.
     protocol: Literal["tcl", "sclip"] = "tcl"
     mode: Literal["sliding", "whole"] = "sliding"
+    # Whole mode only: resize the image to this square instead (aspect ratio not kept), as
+    # PixelCLIP evaluates (320 for ViT-B/16); None keeps the keep-ratio rescale below.
+    square_side: Annotated[int, Field(gt=0)] | None = None
     # Keep-ratio rescale as mmseg's img_scale=(long_side, short_side): the scale is
     # min(long_side / long, short_side / short), each side int(side * scale + 0.5).
     short_side: Annotated[int, Field(gt=0)] = 448

@@ -38,6 +38,9 @@ class WindowPlan:
 
 def plan_inference(height: int, width: int, config: InferenceConfig, patch: int) -> WindowPlan:
     """The rescaled size and the windows of an (height, width) image under ``config``."""
+    if config.mode == "whole" and config.square_side is not None:
+        side = config.square_side
+        return WindowPlan((side, side), ((0, 0, side, side),))
     size = rescale_size(height, width, config.short_side, config.long_side)
     if config.mode == "whole":
         return WindowPlan(size, ((0, 0, *size),))

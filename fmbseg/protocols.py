@@ -101,7 +101,11 @@ class Protocol:
             "protocol": self.name,
             "protocol_reference": self.reference,
             "background_rule": "none" if self.background is None else self.background.rule,
-            "resize": f"keep-ratio short {config.short_side} / long {config.long_side}",
+            "resize": (
+                f"squashed to {config.square_side}x{config.square_side}"
+                if config.mode == "whole" and config.square_side is not None
+                else f"keep-ratio short {config.short_side} / long {config.long_side}"
+            ),
             "windows": (
                 "whole image"
                 if config.mode == "whole"

@@ -52,7 +52,7 @@ BASE = [
     "train.pixelclip.clusters=8", "train.pixelclip.short_side=64", "train.pixelclip.max_side=128",
     "train.pixelclip.crop_size=64", "train.pixelclip.image_size=64", "train.pixelclip.mask_size=32",
     "train.pixelclip.score_size=0", "train.pixelclip.grad_clip=1.0",
-    "inference.mode=whole", "inference.short_side=64",
+    "inference.mode=whole", "inference.square_side=64",
 ]  # fmt: skip
 
 
@@ -335,3 +335,13 @@ def test_loading_refuses_another_base_clip(trained: tuple[Params, Path, dict]) -
     )
     with pytest.raises(WeightsError, match="fine-tuned from CLIP model"):
         get_method("pixelclip").load(other, out, torch.device("cpu"))
+
+
+def test_pixelclips_protocol_squashes_the_whole_image_to_one_square() -> None:
+    from fmbseg.config import InferenceConfig
+    from fmbseg.geometry import plan_inference
+
+    plan = plan_inference(480, 640, InferenceConfig(mode="whole", square_side=320), 16)
+    assert plan.resized_size == (320, 320) and plan.windows == ((0, 0, 320, 320),)
+    kept = plan_inference(480, 640, InferenceConfig(mode="whole", short_side=320), 16)
+    assert kept.resized_size == (320, 427)  # without square_side: the keep-ratio rescale
