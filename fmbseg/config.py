@@ -147,8 +147,11 @@ class MergeConfig(FrozenConfig):
 class FeaturesConfig(FrozenConfig):
     """Stage 2's cache of frozen-encoder patch features and patch pseudo-labels."""
 
-    # Images are resized to this square side (a multiple of the encoder's patch size).
+    # A multiple of the encoder's patch size. "tiles": images are rescaled, aspect kept, to this
+    # short side and cut into tiles of this size, as inference sees them; "square": each image
+    # is resized to one square of this side (its aspect distorted; caches from before).
     image_size: int = 448
+    geometry: Literal["tiles", "square"] = "tiles"
     # A patch takes its majority pseudo-label if that label covers at least this fraction
     # of the patch's pixels; otherwise it is ignored by the loss.
     min_label_fraction: float = 0.5

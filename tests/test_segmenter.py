@@ -135,23 +135,22 @@ def test_rescale_and_windows_equal_mmcv_and_mmseg_slide_inference() -> None:
         assert list(plan.windows) == expected
 
 
-def test_resize_is_opencv_bilinear_without_antialias_to_one_grey_level() -> None:
+def test_resize_is_opencv_bilinear_fixed_point_without_antialias() -> None:
     """mmcv's imresize is cv2.resize(INTER_LINEAR) on uint8: half-pixel bilinear, no antialias,
-    fixed-point weights (1/2048) and a uint8 result. Ours is exact bilinear rounded to uint8:
-    within one grey level everywhere, and equal on most pixels."""
+    11-bit fixed-point weights, uint8 result. Ours redoes that arithmetic: equal when shrinking,
+    and when enlarging at most one grey level off on under 0.5 % of values (OpenCV's build
+    rounds its coefficients in ways we do not reproduce bit for bit)."""
     cv2 = pytest.importorskip("cv2")
     rng = np.random.default_rng(1)
-    for (height, width), (new_h, new_w) in [
-        ((375, 500), (448, 597)),  # upscale
-        ((1024, 2048), (448, 896)),  # downscale: antialias would blur here
-        ((37, 23), (448, 278)),
-    ]:
+    cases = [((1024, 2048), (448, 896), 0.0), ((375, 500), (448, 597), 0.005)]
+    cases += [((37, 23), (448, 278), 0.005), ((500, 333), (673, 448), 0.005)]
+    for (height, width), (new_h, new_w), tolerated in cases:
         image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         reference = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
         ours = (resize_bilinear(image, (new_h, new_w))[0].permute(1, 2, 0) * 255).round()
         difference = np.abs(ours.numpy() - reference.astype(np.float32))
         assert difference.max() <= 1.0
-        assert difference.mean() <= 0.2
+        assert (difference > 0).mean() <= tolerated
     image = rng.integers(0, 256, (1024, 2048, 3), dtype=np.uint8)
     reference = cv2.resize(image, (896, 448), interpolation=cv2.INTER_LINEAR)
     antialiased = F.interpolate(
@@ -159,6 +158,18 @@ def test_resize_is_opencv_bilinear_without_antialias_to_one_grey_level() -> None
         mode="bilinear", antialias=True,
     )[0].permute(1, 2, 0)  # fmt: skip
     assert np.abs(antialiased.numpy() - reference).max() > 10  # what the test tells apart
+
+
+def test_resize_does_not_depend_on_the_thread_count() -> None:
+    image = np.random.default_rng(4).integers(0, 256, (75, 100, 3), dtype=np.uint8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = resize_bilinear(image, (96, 128))
+        torch.set_num_threads(2)
+        assert torch.equal(one, resize_bilinear(image, (96, 128)))
+    finally:
+        torch.set_num_threads(threads)
 
 
 class PatchMeanScorer:

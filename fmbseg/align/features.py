@@ -11,10 +11,16 @@ read now are recorded per shard (``failed``) and skipped the same way. A label m
 differs from its image, or holding a class id outside the vocabulary, belongs to other inputs and
 stops the stage with an :class:`InputError`.
 
-Each image is resized (bilinear, both sides) to a ``features.image_size`` square: the whole image
-and all its pseudo-labels are kept, at the price of a small aspect distortion. Its label map is
-resized the same way by nearest neighbour and a patch takes its majority class when that class
-covers at least ``features.min_label_fraction`` of the patch's pixels, else -1 (ignored).
+Geometry (``features.geometry``): ``tiles`` (default) caches images the way inference sees them:
+rescaled with their aspect kept so the short side is ``features.image_size`` (bilinear without
+antialias, as the segmenter), then cut into square tiles of that size, placed as inference places
+its windows (every tile size, the last one flush with the border); each tile is an entry of its
+own, named ``<image id>#<k>``. ``square`` resizes each image to one ``features.image_size``
+square (PIL bilinear): the whole image in one entry, its aspect distorted (a 640x480 image is
+scaled 0.70 across and 0.93 down). The label map is resized the same way by nearest neighbour
+and cut with its image; a patch of an entry takes its majority class when that class covers at
+least ``features.min_label_fraction`` of the patch's pixels, else -1 (ignored). ``index.json``
+records the geometry; a cache written before it existed is ``square``.
 
 Output folder::
 
@@ -140,6 +146,16 @@ def read_merge_vocabulary(labels_dir: Path) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class _Entry:
+    """One cached row: a whole image (``square``) or one tile of it (``tiles``)."""
+
+    name: str
+    pixels: np.ndarray  # (3, S, S) float32 in [0, 1]
+    patch_labels: np.ndarray  # (h, w)
+    label_map: np.ndarray | None  # (M, M) at features.label_map_size, or None
+
+
+@dataclass(frozen=True)
 class _Shard:
     index: int
     image_ids: tuple[str, ...]
@@ -182,13 +198,7 @@ class _ShardWriter:
         self.size = params.features.image_size
         self.grid = self.size // encoder.patch_size
 
-    def _prepare(
-        self, key: str, image: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Resized image (3, S, S) float32 in [0, 1], its patch labels (h, w) and, when
-        ``features.label_map_size`` is set, its label map at that size (-1 = unlabelled)."""
-        from PIL import Image
-
+    def _read_label_map(self, key: str, image: np.ndarray) -> np.ndarray:
         label_file = label_map_path(self.labels_root, key)
         try:
             label_map = read_label_map(label_file)
@@ -201,22 +211,52 @@ class _ShardWriter:
                 f"{label_file}: label map is {label_map.shape[1]}x{label_map.shape[0]} but its "
                 f"image is {image.shape[1]}x{image.shape[0]}; the labels belong to other images"
             )
-        try:
-            labels = patch_labels(
-                resize_nearest(label_map, self.size),
-                self.encoder.patch_size,
-                self.num_classes,
-                self.params.features.min_label_fraction,
-            )
-        except ValueError as exc:
-            raise InputError(f"{label_file}: {exc}") from None
-        resized = Image.fromarray(image).resize((self.size, self.size), Image.Resampling.BILINEAR)
-        pixels = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return label_map
+
+    def _prepare(self, key: str, image: np.ndarray) -> list[_Entry]:
+        """The entries of one image under ``features.geometry``: pixels (3, S, S) float32 in
+        [0, 1], patch labels (h, w) and, when ``features.label_map_size`` is set, the entry's
+        label map at that size (-1 = unlabelled)."""
+        label_map = self._read_label_map(key, image)
+        size = self.size
+        if self.params.features.geometry == "square":
+            from PIL import Image
+
+            resized = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)
+            pixels = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0
+            crops = [(key, pixels, resize_nearest(label_map, size))]
+        else:
+            from fmbseg.segmenter import resize_bilinear
+
+            rescaled, tiles = plan_tiles(*image.shape[:2], size)
+            image_pixels = resize_bilinear(image, rescaled)[0].numpy()
+            labels_at_size = resize_nearest(label_map, rescaled)
+            crops = [
+                (
+                    f"{key}{TILE_SEPARATOR}{k}",
+                    image_pixels[:, top : top + size, left : left + size],
+                    labels_at_size[top : top + size, left : left + size],
+                )
+                for k, (top, left) in enumerate(tiles)
+            ]
         map_size = self.params.features.label_map_size
-        small = resize_nearest(label_map, map_size) if map_size else None
-        if small is not None:
-            small = np.where(small == IGNORE_LABEL, IGNORE_PATCH, small)
-        return pixels, labels, small
+        entries = []
+        for name, pixels, labels in crops:
+            try:
+                patches = patch_labels(
+                    labels,
+                    self.encoder.patch_size,
+                    self.num_classes,
+                    self.params.features.min_label_fraction,
+                )
+            except ValueError as exc:
+                raise InputError(f"{label_map_path(self.labels_root, key)}: {exc}") from None
+            small = None
+            if map_size:
+                small = resize_nearest(labels, map_size)
+                small = np.where(small == IGNORE_LABEL, IGNORE_PATCH, small)
+            entries.append(_Entry(name, np.ascontiguousarray(pixels), patches, small))
+        return entries
 
     def _encode(self, batch: list[np.ndarray], keys: list[str]) -> np.ndarray:
         import torch
@@ -243,26 +283,17 @@ class _ShardWriter:
         start = time.perf_counter()
         kept: list[str] = []
         failed: dict[str, str] = {}
-        features: np.ndarray | None = None
-        labels = np.empty(
-            (len(shard.image_ids), self.grid, self.grid), label_dtype(self.num_classes)
-        )
-        map_size = self.params.features.label_map_size
-        label_maps = np.empty((len(shard.image_ids), map_size, map_size), labels.dtype)
-        batch: list[np.ndarray] = []
-        batch_keys: list[str] = []
+        encoded: list[np.ndarray] = []
+        patch_grids: list[np.ndarray] = []
+        label_maps: list[np.ndarray] = []
+        batch: list[_Entry] = []
 
         def flush() -> None:
-            nonlocal features
-            encoded = self._encode(batch, batch_keys)
-            if features is None:
-                shape = (len(shard.image_ids), self.grid, self.grid, encoded.shape[-1])
-                features = np.empty(shape, np.float16)
-            features[len(kept) : len(kept) + len(batch)] = encoded
-            kept.extend(batch_keys)
-            progress.update(len(batch))
+            encoded.append(self._encode([e.pixels for e in batch], [e.name for e in batch]))
+            kept.extend(entry.name for entry in batch)
+            patch_grids.extend(entry.patch_labels for entry in batch)
+            label_maps.extend(e.label_map for e in batch if e.label_map is not None)
             batch.clear()
-            batch_keys.clear()
 
         for key in shard.image_ids:
             try:
@@ -272,16 +303,16 @@ class _ShardWriter:
                 log.warning("skipped %s", exc)
                 progress.update(1)
                 continue
-            pixels, patch, label_map = self._prepare(key, image)
-            labels[len(kept) + len(batch)] = patch
-            if label_map is not None:
-                label_maps[len(kept) + len(batch)] = label_map
-            batch.append(pixels)
-            batch_keys.append(key)
-            if len(batch) == self.params.models.encoder.batch_size:
-                flush()
+            for entry in self._prepare(key, image):
+                batch.append(entry)
+                if len(batch) == self.params.models.encoder.batch_size:
+                    flush()
+            progress.update(1)
         if batch:
             flush()
+        dtype = label_dtype(self.num_classes)
+        features = np.concatenate(encoded) if encoded else None
+        labels = np.stack(patch_grids).astype(dtype) if patch_grids else None
 
         info: dict[str, Any] = {
             "shard": shard.index,
@@ -289,11 +320,10 @@ class _ShardWriter:
             "failed": failed,
             "encoder": {**asdict(self.encoder.provenance), "tag": self.encoder.provenance.tag},
         }
-        if features is not None:
-            count = len(kept)
-            tensors = {"features": features[:count], "labels": labels[:count]}
-            if map_size:
-                tensors["label_maps"] = label_maps[:count]
+        if features is not None and labels is not None:
+            tensors = {"features": features, "labels": labels}
+            if label_maps:
+                tensors["label_maps"] = np.stack(label_maps).astype(dtype)
             data = save(tensors)
             file = out / SHARD_DIR / f"{shard.name}.safetensors"
             with atomic_write(file) as handle:
@@ -301,10 +331,10 @@ class _ShardWriter:
             info |= {
                 "file": file.name,
                 "sha256": hashlib.sha256(data).hexdigest(),
-                "features_shape": list(features[:count].shape),
-                "labels_shape": list(labels[:count].shape),
+                "features_shape": list(features.shape),
+                "labels_shape": list(labels.shape),
                 "labels_dtype": labels.dtype.name,
-                "labelled_patches": int((labels[:count] != IGNORE_PATCH).sum()),
+                "labelled_patches": int((labels != IGNORE_PATCH).sum()),
             }
         info["seconds"] = time.perf_counter() - start
         write_text_atomic(_marker(out, shard.name), json.dumps(info, ensure_ascii=False))
@@ -354,10 +384,8 @@ def run_cache_features(
         for i in range(0, len(labelled), per_shard)
     ]
     record = {
-        # A key left at its default that older caches lacked keeps their fingerprint.
-        "features": params.features.model_dump(
-            mode="json", exclude=set() if params.features.label_map_size else {"label_map_size"}
-        ),
+        # A key at the value older caches had without it keeps their fingerprint.
+        "features": params.features.model_dump(mode="json", exclude=_unrecorded(params)),
         "encoder": params.models.encoder.model_dump(mode="json"),
         "precision": params.models.precision,
         "vocabulary": list(vocabulary),
@@ -387,6 +415,18 @@ def run_cache_features(
             for shard in pending:
                 writer.write(out, shard, progress)
     return _write_index(out, shards, vocabulary, params, without_labels)
+
+
+def _unrecorded(params: Params) -> set[str]:
+    """``features`` keys left out of the run record at the value caches had before the key
+    existed, so those caches keep their fingerprint."""
+    features = params.features
+    unrecorded = set()
+    if not features.label_map_size:
+        unrecorded.add("label_map_size")
+    if features.geometry == "square":
+        unrecorded.add("geometry")
+    return unrecorded
 
 
 def _ready_encoder(params: Params, encoder: PatchEncoder | None) -> PatchEncoder:
@@ -424,7 +464,8 @@ def _write_index(
     grids = {tuple(info["features_shape"][1:]) for info in stored}
     if len(grids) > 1:
         raise InputError(f"{out}: shards hold different feature shapes {sorted(grids)}")
-    images = sum(len(info["images"]) for info in infos)
+    entries = [name for info in infos for name in info["images"]]
+    images = len(entries)
     patches = sum(
         info["labels_shape"][0] * info["labels_shape"][1] * info["labels_shape"][2]
         for info in stored
@@ -435,12 +476,18 @@ def _write_index(
         "vocabulary": list(vocabulary),
         "encoder": next(iter(encoders.values())),
         "image_size": params.features.image_size,
+        "geometry": params.features.geometry,
         "min_label_fraction": params.features.min_label_fraction,
         "grid": [grid_h, grid_w],
         "dim": dim,
         "labels_dtype": label_dtype(len(vocabulary)).name,
         "label_map_size": params.features.label_map_size,
-        "images": images,
+        "images": images,  # cached entries: tiles under the tiles geometry
+        "source_images": len(
+            {name.rsplit(TILE_SEPARATOR, 1)[0] for name in entries}
+            if params.features.geometry == "tiles"
+            else entries
+        ),
         "labelled_patch_fraction": sum(info["labelled_patches"] for info in stored) / patches,
         "failed_images": failed,
         "images_without_labels": without_labels,
@@ -488,6 +535,8 @@ class FeatureShards:
             self._shards: list[dict[str, Any]] = list(self.index["shards"])
             # Caches from before label maps were stored hold none (0).
             self.label_map_size = int(self.index.get("label_map_size", 0))
+            # Caches written before geometries had names resized every image to a square.
+            self.geometry: str = str(self.index.get("geometry", "square"))
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{index_file}: not a feature-cache index ({exc})") from None
         identity = {

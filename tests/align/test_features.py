@@ -20,6 +20,7 @@ from fmbseg.align.features import (
     IGNORE_PATCH,
     FeatureShards,
     patch_labels,
+    plan_tiles,
     resize_nearest,
     run_cache_features,
 )
@@ -30,6 +31,7 @@ from fmbseg.masks import IGNORE_LABEL
 from fmbseg.oracle.fakes import FakeEncoder
 from fmbseg.oracle.scenes import UNKNOWN, OracleWorld, make_scene
 from fmbseg.pseudolabel.merge import label_map_path, write_label_map
+from fmbseg.segmenter import resize_bilinear
 
 X = IGNORE_LABEL  # an unlabelled pixel in hand-made label maps
 WORLD = OracleWorld()
@@ -49,7 +51,8 @@ def write_dataset(root: Path, count: int, size: tuple[int, int] = (40, 48), seed
 
 
 def params(**features: object) -> Params:
-    section = {"image_size": 32, "images_per_shard": 4, **features}
+    """The square geometry, which most of this specification is written for (``tiles`` below)."""
+    section = {"image_size": 32, "images_per_shard": 4, "geometry": "square", **features}
     return Params.model_validate({"features": section, "models": {"encoder": {"batch_size": 3}}})
 
 
@@ -80,6 +83,20 @@ def cache(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cache")
     run_cache_features(
         params(),
+        dataset / "images",
+        dataset / "merged",
+        out,
+        encoder=CountingEncoder(),
+        show_progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiled(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiled")
+    run_cache_features(
+        params(geometry="tiles"),
         dataset / "images",
         dataset / "merged",
         out,
@@ -384,3 +401,96 @@ def test_a_changed_byte_is_a_hash_mismatch_naming_the_shard(copy_of_cache: Path)
 def test_an_unfinished_cache_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no finished feature cache"):
         FeatureShards(tmp_path)
+
+
+# --- geometry: tiles as inference sees images, or one square ------------------------------------
+
+
+def test_tiles_are_cut_from_the_image_rescaled_with_its_aspect_kept() -> None:
+    assert plan_tiles(40, 48, 32) == ((32, 38), [(0, 0), (0, 6)])  # scale 0.8 both ways
+    assert plan_tiles(480, 640, 448) == ((448, 597), [(0, 0), (0, 149)])  # not 0.70 across
+    assert plan_tiles(500, 333, 448) == ((673, 448), [(0, 0), (225, 0)])
+    assert plan_tiles(64, 64, 32) == ((32, 32), [(0, 0)])
+
+
+def test_tiles_cache_each_tile_with_labels_voted_on_its_own_grid(
+    dataset: Path, tiled: Path
+) -> None:
+    shards = FeatureShards(tiled)
+    assert shards.geometry == "tiles" and shards.num_images == 20  # two tiles per 40x48 image
+    index = json.loads((tiled / "index.json").read_text(encoding="utf-8"))
+    assert (index["geometry"], index["source_images"], index["images"]) == ("tiles", 10, 20)
+    encoder = FakeEncoder(WORLD, patch_size=PATCH)
+    names = []
+    for shard in shards:
+        for name, features, labels in zip(
+            shard.image_ids, shard.features, shard.labels, strict=True
+        ):
+            key, tile = name.split("#")
+            left = (0, 6)[int(tile)]
+            image = np.asarray(Image.open(dataset / "images" / f"{key}.png"))
+            pixels = resize_bilinear(image, (32, 38))[:, :, :, left : left + 32]
+            assert torch.equal(features, encoder.encode(pixels)[0].half())
+            truth = np.asarray(Image.open(label_map_path(dataset / "merged", key)), dtype=np.uint16)
+            crop = resize_nearest(truth, (32, 38))[:, left : left + 32]
+            assert labels.tolist() == patch_labels(crop, PATCH, WORLD.num_classes, 0.5).tolist()
+            names.append(name)
+    assert names == [f"{i:03d}#{k}" for i in range(10) for k in (0, 1)]
+
+
+def test_square_caches_keep_their_fingerprint_and_old_indexes_read_as_square(
+    cache: Path, tmp_path: Path
+) -> None:
+    run = json.loads((cache / "run.json").read_text(encoding="utf-8"))
+    assert "geometry" not in json.dumps(run)  # as caches written before the key existed
+    assert FeatureShards(cache).geometry == "square"
+    old = tmp_path / "old"
+    old.mkdir()
+    index = json.loads((cache / "index.json").read_text(encoding="utf-8"))
+    index.pop("geometry")
+    (old / "index.json").write_text(json.dumps(index), encoding="utf-8")
+    assert FeatureShards(old).geometry == "square"
+
+
+def test_in_the_oracle_world_tiles_train_at_least_as_well_as_squares(
+    oracle_run, tmp_path: Path
+) -> None:
+    """Stage 2 trained from the same Stage 1 labels cached both ways, scored on held-out scenes
+    of other aspect ratios: the geometry inference sees is not worse (docs/method.md)."""
+    from fmbseg.align.module import load_module
+    from fmbseg.align.train import run_train
+    from fmbseg.methods.fmbseg import AlignmentScorer
+    from fmbseg.models.vocabulary import VocabularyEncoder
+    from fmbseg.oracle.fakes import FakeClip
+    from fmbseg.segmenter import OpenVocabularySegmenter
+
+    scenes = [
+        make_scene(WORLD, *(64, 112) if s % 2 else (112, 64), seed=s) for s in range(200, 208)
+    ]
+    accuracy = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for geometry in ("square", "tiles"):
+            update = oracle_run.params.features.model_copy(update={"geometry": geometry})
+            settings = oracle_run.params.model_copy(update={"features": update})
+            out = tmp_path / geometry
+            run_cache_features(
+                settings, oracle_run.scenes / "images", oracle_run.merged, out / "features",
+                encoder=FakeEncoder(WORLD), show_progress=False,
+            )  # fmt: skip
+            run_train(
+                settings, out / "features", out / "model", text=FakeClip(WORLD), show_progress=False
+            )
+            module, _ = load_module(out / "model" / "module.safetensors")
+            scorer = AlignmentScorer(FakeEncoder(WORLD), module, VocabularyEncoder(FakeClip(WORLD)))
+            model = OpenVocabularySegmenter(scorer, settings.inference, torch.device("cpu"))
+            accuracy[geometry] = np.mean(
+                [
+                    (model.segment(s.image, WORLD.class_names).labels == s.labels).mean()
+                    for s in scenes
+                ]
+            )
+    finally:
+        torch.set_num_threads(threads)
+    assert accuracy["tiles"] >= accuracy["square"] >= 0.8, accuracy

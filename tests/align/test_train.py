@@ -56,8 +56,9 @@ def cache_features(root: Path, world: OracleWorld, count: int) -> Path:
         write_label_map(label_map_path(root / "merged", f"{i:03d}"), labels)
     run = {"pseudolabel_run": {"vocabulary": list(world.class_names)}}
     (root / "merged" / "run.json").write_text(json.dumps(run), encoding="utf-8")
+    # One cached entry per image (the square geometry), which the step counts below assume.
     features_params = Params.model_validate(
-        {"features": {"image_size": 32, "images_per_shard": 10}}
+        {"features": {"image_size": 32, "images_per_shard": 10, "geometry": "square"}}
     )
     encoder = FakeEncoder(world, patch_size=8)
     run_cache_features(
