@@ -553,8 +553,8 @@ def stage_run(
     if reason := server_unreachable(uri):
         raise TrackingError(_unreachable_message(uri, reason))
     workspace = workspace_root()
-    tags = {STAGE_TAG: stage, **git_tags(workspace), **experiment_tags(workspace)}
-    pipeline_tags = dict(tags)
+    pipeline_tags = {**git_tags(workspace), **experiment_tags(workspace)}
+    tags = {STAGE_TAG: stage, **pipeline_tags}
     tags.update({f"{DVC_DEP_PREFIX}{p}": md5 for p, md5 in dvc_hashes(workspace, inputs).items()})
     if dvc_stage := os.environ.get("DVC_STAGE"):
         tags["dvc.stage"] = dvc_stage
