@@ -256,3 +256,18 @@ def test_the_onnx_case_compares_onnxruntime_with_torch_on_the_same_windows(
     assert {"ours.onnxruntime", "reference.torch"} <= case["measurements"].keys()
     row = {row["key"]: row for row in report["comparisons"]}["onnxruntime_vs_torch"]
     assert row["ratio"] is not None and row["ratio"] > 0
+
+
+def test_the_pixelclip_case_times_each_part_of_one_training_step(tmp_path: Path) -> None:
+    options = BenchOptions(
+        size="tiny", cases=("pixelclip_step",), repeats=1, warmup=0, out_dir=tmp_path / "bench"
+    )
+    case = run_bench(options)["cases"]["pixelclip_step"]
+    assert case["error"] is None
+    parts = {"momentum_update", "prompts_text_forward", "teacher_and_mask_pooling",
+             "sinkhorn_clustering", "student_forward", "head_and_loss_forward", "backward",
+             "clip_and_adamw"}  # fmt: skip
+    assert {f"ours.{part}" for part in parts} | {"ours.whole_step"} == case["measurements"].keys()
+    shares = case["info"]["shares"]
+    assert shares.keys() == parts and sum(shares.values()) == pytest.approx(1, abs=1e-3)
+    assert case["info"]["parts_over_whole_step"] > 0

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fmbseg.bench.measure import Recorder
+from fmbseg.bench.pixelclip import pixelclip_step
 from fmbseg.bench.presets import (
     Preset,
     build_clip,
@@ -538,6 +539,7 @@ CASES: dict[str, CaseFn] = {
     "train_step": train_step,
     "inference": inference,
     "onnx_image_side": onnx_image_side,
+    "pixelclip_step": pixelclip_step,
 }
 SCALING_CASES: dict[str, CaseFn] = {
     "scale_pseudolabel": scale_pseudolabel,

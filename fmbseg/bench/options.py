@@ -23,6 +23,7 @@ CASE_NAMES = (
     "train_step",
     "inference",
     "onnx_image_side",
+    "pixelclip_step",
 )
 SCALING_CASE_NAMES = ("scale_pseudolabel", "scale_features")
 ALL_CASES = (*CASE_NAMES, *SCALING_CASE_NAMES)
