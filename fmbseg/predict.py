@@ -15,7 +15,7 @@ import colorsys
 import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,6 +166,24 @@ def write_classes(out: Path, names: Sequence[str]) -> None:
     write_text_atomic(file, json.dumps(mapping, indent=2, ensure_ascii=False) + "\n")
 
 
+def _labeller(
+    params: Params, model: str | Path, names: tuple[str, ...], background: str | None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """image -> label map, with a trained or registered model, or an ONNX export folder
+    (onnxruntime and numpy alone, no torch)."""
+    from fmbseg.onnx_runtime import OnnxSegmenter, is_export
+
+    if is_export(model):
+        if background is not None:
+            raise InputError(f"{model}: --background is not available with an ONNX export")
+        runtime = OnnxSegmenter(model)
+        rows = runtime.rows(names)
+        return lambda image: runtime.score(image, runtime.text[rows]).argmax(0)
+    segmenter, used = open_model(params, model)
+    rule = background_rule(used.inference, names, background)
+    return lambda image: segmenter.segment(image, names, rule).labels
+
+
 def run_predict(
     params: Params,
     inputs: Sequence[str | Path],
@@ -182,8 +200,7 @@ def run_predict(
 
     names = validate_vocabulary(class_names)
     images = collect_images(inputs)
-    segmenter, used = open_model(params, model)
-    rule = background_rule(used.inference, names, background)
+    segment = _labeller(params, model, names, background)
     out = Path(out_dir)
     write_classes(out, names)
     failed: dict[str, str] = {}
@@ -194,7 +211,7 @@ def run_predict(
             log.warning("skipped %s", exc)
             failed[key] = str(exc)
             continue
-        labels = segmenter.segment(image, names, rule).labels
+        labels = segment(image)
         write_label_png(out / f"{key}.png", labels, len(names))
         write_overlay_png(out / f"{key}_overlay.png", image, labels, names)
     return {"images": len(images) - len(failed), "failed": failed, "out": str(out)}

@@ -181,3 +181,36 @@ def test_the_onnx_runtime_refuses_altered_files_and_unknown_classes(
         handle.write(b"\0")
     with pytest.raises(WeightsError, match="sha256 differs"):
         OnnxSegmenter(altered)
+
+
+def test_fmbseg_predict_runs_an_export_folder_without_torch(exported: Path, tmp_path: Path) -> None:
+    """The CLI path end to end in a process where torch cannot be imported."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from fmbseg.oracle.scenes import OracleWorld, make_scene
+
+    image = make_scene(OracleWorld(), 50, 70, seed=1).image
+    Image.fromarray(image).save(tmp_path / "scene.png")
+    script = f"""
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked")
+sys.meta_path.insert(0, NoTorch())
+from fmbseg.cli import main
+code = main(["-q", "predict", {str(tmp_path / "scene.png")!r}, "--classes", "grass,cat",
+             "--model", {str(exported)!r}, "--out", {str(tmp_path / "out")!r}])
+assert "torch" not in sys.modules
+sys.exit(code)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    labels = np.asarray(Image.open(tmp_path / "out" / "scene.png"))
+    assert labels.shape == (50, 70) and set(np.unique(labels)) <= {0, 1}
+    assert json.loads((tmp_path / "out" / "classes.json").read_text()) == {"0": "grass", "1": "cat"}
