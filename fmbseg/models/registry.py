@@ -30,6 +30,7 @@ _registry: dict[str, dict[str, Factory | str]] = {
     "clip": {"open_clip": "fmbseg.models.clip:build", "oracle": "fmbseg.oracle.fakes:build_clip"},
     "sam": {
         "segment_anything": "fmbseg.models.sam:build",
+        "sam2": "fmbseg.models.sam2:build",
         "oracle": "fmbseg.oracle.fakes:build_sam",
     },
     "encoder": {

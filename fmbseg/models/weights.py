@@ -138,7 +138,8 @@ def resolve_weights(
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors only: safetensors, or ``torch.load(weights_only=True)`` (no pickled code).
 
-    A ``{"state_dict": ...}`` wrapper and DataParallel's ``module.`` prefixes are unwrapped.
+    A ``{"state_dict": ...}`` or ``{"model": ...}`` (SAM 2's) wrapper and DataParallel's
+    ``module.`` prefixes are unwrapped.
     """
     import torch
 
@@ -154,8 +155,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(
             f"{path}: not readable as a weights-only checkpoint ({reason})"
         ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
     return {key.removeprefix("module."): value for key, value in state.items()}
