@@ -18,6 +18,17 @@ def apply_project_defaults() -> Path:
     return apply_quiet_defaults(Path(configured) if configured else find_project_root())
 
 
+def enter_project_folder() -> dict[str, str]:
+    """prefect.yaml's pull step: run in this worker machine's ``$FMBSEG_PROJECT_DIR``, read when
+    the flow run starts. (``prefect deploy`` would fill a ``{{ $FMBSEG_PROJECT_DIR }}``
+    placeholder in from the deploying shell, sending every worker to the deployer's folder.)"""
+    from tasks.shard_runs import worker_project
+
+    root = worker_project(None, None)
+    os.chdir(root)
+    return {"directory": str(root)}
+
+
 def open_project(project_dir: str) -> tuple[str, Params]:
     """The absolute project folder (with its MLflow store and Prefect home) and its params."""
     root = Path(project_dir).resolve()

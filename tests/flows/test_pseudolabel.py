@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,10 +25,10 @@ import psutil
 import pytest
 import yaml
 
+from tests.flows.conftest import BIN, prefect
 from tests.flows.test_flows import ORACLE, deep_update
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 POOL = "gpu"
 DEPLOYMENT = "fmbseg-pseudolabel-shard/gpu"
 IMAGES = 5  # demo_train
@@ -48,20 +46,6 @@ def test_the_quickstart_gives_every_worker_of_the_shipped_deployment_work() -> N
     (sharded,) = [d for d in deployments if d["entrypoint"].endswith("pseudolabel_sharded")]
     shards = math.ceil(len(TRAIN_PHOTOS) / params["pseudolabel"]["images_per_shard"])
     assert shards >= max(2, sharded["parameters"]["workers"])
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def prefect(*argv: str, env: dict[str, str], cwd: Path) -> str:
-    done = subprocess.run(
-        [str(BIN / "prefect"), *argv], env=env, cwd=cwd, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
 
 
 def git(root: Path, *argv: str) -> str:
@@ -93,59 +77,25 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A Prefect server with the `gpu` process pool and the shard deployment; yields the
-    environment that flows and workers of these tests share."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    url = f"http://127.0.0.1:{free_port()}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_UI_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.5",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "PREFECT_CLI_PROMPT": "false",
+def server(
+    prefect_server: dict[str, str], project: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """The shared Prefect server with the shard deployment; the environment that flows and
+    workers of these tests share (tracking into the project's store)."""
+    env = prefect_server | {
         "FMBSEG_TRACKING": "1",
         "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
     }
-    env.pop("FMBSEG_PROJECT_DIR", None)
-    env.pop("FMBSEG_PIPELINE_RUN_ID", None)
-    host, port = url.removeprefix("http://").removesuffix("/api").split(":")
-    process = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", host, "--port", port, "--no-ui"],
-        env=env,
-        cwd=home,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            assert process.poll() is None and time.monotonic() < deadline, "no prefect server"
-            time.sleep(0.5)
-        prefect("work-pool", "create", POOL, "--type", "process", env=env, cwd=home)
-        # The shard deployment exactly as prefect.yaml declares it (its own file: deploying the
-        # others would only cost time here).
-        config = yaml.safe_load((REPO / "prefect.yaml").read_text())
-        config["deployments"] = [
-            d for d in config["deployments"] if d["entrypoint"].endswith("pseudolabel_shard")
-        ]
-        (home / "prefect.yaml").write_text(yaml.safe_dump(config))
-        prefect("--no-prompt", "deploy", "--all", env=env, cwd=home)
-        yield env
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    # The shard deployment exactly as prefect.yaml declares it (its own file: deploying the
+    # others would only cost time here).
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    config["deployments"] = [
+        d for d in config["deployments"] if d["entrypoint"].endswith("pseudolabel_shard")
+    ]
+    folder = tmp_path_factory.mktemp("shard-deployment")
+    (folder / "prefect.yaml").write_text(yaml.safe_dump(config))
+    prefect("--no-prompt", "deploy", "--all", env=env, cwd=folder)
+    return env
 
 
 @contextlib.contextmanager
