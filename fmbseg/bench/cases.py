@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fmbseg.bench.foundation import sam2_automatic_masks
 from fmbseg.bench.measure import Recorder
 from fmbseg.bench.pixelclip import pixelclip_step
 from fmbseg.bench.presets import (
@@ -540,6 +541,7 @@ CASES: dict[str, CaseFn] = {
     "inference": inference,
     "onnx_image_side": onnx_image_side,
     "pixelclip_step": pixelclip_step,
+    "sam2_automatic_masks": sam2_automatic_masks,
 }
 SCALING_CASES: dict[str, CaseFn] = {
     "scale_pseudolabel": scale_pseudolabel,

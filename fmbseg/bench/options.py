@@ -24,6 +24,7 @@ CASE_NAMES = (
     "inference",
     "onnx_image_side",
     "pixelclip_step",
+    "sam2_automatic_masks",
 )
 SCALING_CASE_NAMES = ("scale_pseudolabel", "scale_features")
 ALL_CASES = (*CASE_NAMES, *SCALING_CASE_NAMES)

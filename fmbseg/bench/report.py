@@ -72,6 +72,13 @@ COMPARISONS: tuple[Comparison, ...] = (
         ("reference.automatic_mask_generator",),
     ),
     Comparison(
+        "sam2_vs_sam_automatic_masks",
+        "SAM 2 hiera-small ÷ SAM, encoder + automatic masks, same grid and input side, time",
+        "sam2_automatic_masks",
+        ("ours.sam2_encoder", "ours.sam2_automatic_masks"),
+        ("reference.sam_encoder", "reference.sam_automatic_masks"),
+    ),
+    Comparison(
         "clip_batched_vs_one_crop",
         "dense CLIP features batched ÷ one crop at a time, time",
         "clip_dense",
