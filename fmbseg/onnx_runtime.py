@@ -18,30 +18,12 @@ import numpy as np
 
 from fmbseg.errors import InputError, WeightsError
 from fmbseg.geometry import plan_inference
+from fmbseg.resample import resample_bilinear, resize_uint8
 
 EXPORT_FILE = "export.json"
 EXPORT_FORMAT = "fmbseg-onnx-export"
 IMAGE_FILE = "image_embedder.onnx"
 TEXT_FILE = "text_embeddings.safetensors"
-
-
-def _source_index(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """torch's half-pixel source coordinates (``align_corners=False``): left index, right
-    index and the right neighbour's weight for every output position."""
-    scale = np.float32(in_size / out_size)
-    source = np.maximum(scale * (np.arange(out_size, dtype=np.float32) + 0.5) - 0.5, 0)
-    left = np.minimum(source.astype(np.int64), in_size - 1)
-    right = np.minimum(left + 1, in_size - 1)
-    return left, right, (source - left).astype(np.float32)
-
-
-def resample_bilinear(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(C, h, w) float32 -> (C, H, W): ``F.interpolate(mode="bilinear", antialias=False)``."""
-    height, width = size
-    top, bottom, dy = _source_index(height, array.shape[1])
-    left, right, dx = _source_index(width, array.shape[2])
-    rows = array[:, top] * (1 - dy)[None, :, None] + array[:, bottom] * dy[None, :, None]
-    return rows[:, :, left] * (1 - dx) + rows[:, :, right] * dx
 
 
 class OnnxSegmenter:
@@ -89,8 +71,7 @@ class OnnxSegmenter:
         height, width = image.shape[:2]
         config, patch = self.config, self.patch
         plan = plan_inference(height, width, config, patch)
-        pixels = image.transpose(2, 0, 1).astype(np.float32)
-        resized = np.clip(np.round(resample_bilinear(pixels, plan.resized_size)), 0, 255) / 255
+        resized = resize_uint8(image, plan.resized_size).transpose(2, 0, 1) / np.float32(255)
         cells = config.aggregate == "patches" and config.mode == "sliding"
         unit = patch if cells else 1
         grid = (plan.resized_size[0] // unit, plan.resized_size[1] // unit)

@@ -27,48 +27,17 @@ import torch.nn.functional as F
 from fmbseg.config import InferenceConfig, Params
 from fmbseg.geometry import plan_inference
 from fmbseg.models.vocabulary import validate_vocabulary
+from fmbseg.resample import resize_uint8
 
 if TYPE_CHECKING:
     from fmbseg.methods import WindowScorer
 
 
-RESIZE_COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS: bilinear weights in 1/2048
-
-
-def _linear_taps(source: int, target: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """OpenCV's half-pixel taps along one axis: the two source indices of each output pixel and
-    the fixed-point weight of the second (the first's is 2048 minus it), clamped at borders."""
-    position = ((torch.arange(target, dtype=torch.float64) + 0.5) * (source / target) - 0.5).float()
-    first = position.floor()
-    fraction = position - first
-    first = first.long()
-    fraction[(first < 0) | (first >= source - 1)] = 0.0
-    first = first.clamp(0, source - 1)
-    weight = (fraction * (1 << RESIZE_COEF_BITS)).round().long()
-    return first, (first + 1).clamp(max=source - 1), weight
-
-
 def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (1, 3, h, w) float32 in [0, 1], as mmcv's ``imresize`` (OpenCV
-    ``INTER_LINEAR`` on uint8) returns it: half-pixel bilinear without antialias in OpenCV's
-    fixed-point arithmetic (11-bit weights, the rounding of its vectorised vertical pass). Integer
-    arithmetic also makes the result independent of the thread count, which float interpolation
-    rounded to uint8 is not."""
-    # int32 holds every intermediate: 255 * 2048 across, then (that >> 4) * 2048 down.
-    pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).int()
-    rows_a, rows_b, row_weight = _linear_taps(image.shape[0], size[0])
-    cols_a, cols_b, col_weight = _linear_taps(image.shape[1], size[1])
-    one = 1 << RESIZE_COEF_BITS
-    weight = col_weight.int()
-    across = (
-        pixels.index_select(2, cols_a) * (one - weight) + pixels.index_select(2, cols_b) * weight
-    )
-    across >>= 4
-    weight = row_weight.int()[:, None]
-    top = (across.index_select(1, rows_a) * (one - weight)) >> 16
-    bottom = (across.index_select(1, rows_b) * weight) >> 16
-    resized = ((top + bottom + 2) >> 2).clamp_(0, 255)
-    return resized[None].float() / 255.0
+    """(H, W, 3) uint8 -> (1, 3, h, w) float32 in [0, 1], resized as mmcv's ``imresize``
+    (OpenCV ``INTER_LINEAR`` on uint8; :func:`fmbseg.resample.resize_uint8`)."""
+    resized = resize_uint8(np.require(image, requirements=["C"]), size)
+    return torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255.0
 
 
 @dataclass(frozen=True)

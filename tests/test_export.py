@@ -111,7 +111,7 @@ def test_numpy_resampling_equals_torch_bilinear_without_antialias(
 ) -> None:
     import torch.nn.functional as F
 
-    from fmbseg.onnx_runtime import resample_bilinear
+    from fmbseg.resample import resample_bilinear
 
     array = np.random.default_rng(0).random((3, *size), dtype=np.float32) * 255
     expected = F.interpolate(torch.from_numpy(array)[None], size=out, mode="bilinear")[0]
