@@ -83,7 +83,10 @@ def run_evaluate(
     limit: int | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Score ``model`` (a module path or MLflow URI) or a merge folder on a dataset folder."""
+    """Score ``model`` (a module path or MLflow URI) or a merge folder on a dataset folder.
+
+    A registry model runs with the ``models`` params it was registered with, a trained folder
+    with ``params``'s; either with the inference settings of the evaluation's protocol."""
     from tqdm import tqdm
 
     provenance: dict[str, str] = {}
@@ -95,13 +98,11 @@ def run_evaluate(
     extra = pseudolabels is not None and spec.background_index is None
     matrix = ConfusionMatrix(len(names) + int(extra), spec.ignore_index)
     if model is not None:
+        from fmbseg.predict import open_model
         from fmbseg.protocols import resolve_protocol
-        from fmbseg.registry import resolve_model
-        from fmbseg.segmenter import load_segmenter
 
         protocol = resolve_protocol(params.inference, spec)
-        resolved = params.model_copy(update={"inference": protocol.inference})
-        segmenter = load_segmenter(resolved, resolve_model(model))
+        segmenter, _ = open_model(params, model, inference=protocol.inference)
         background = _background_rule(protocol, segmenter.scorer)
         described = protocol.record() | {
             "background_rule": "none" if background is None else background.rule

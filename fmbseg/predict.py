@@ -135,16 +135,21 @@ def background_rule(
     return Background(index, threshold=inference.background_threshold)
 
 
-def open_model(params: Params, model: str | Path) -> tuple[OpenVocabularySegmenter, Params]:
+def open_model(
+    params: Params, model: str | Path, *, inference: InferenceConfig | None = None
+) -> tuple[OpenVocabularySegmenter, Params]:
     """The segmenter of a trained folder (with ``params``) or of a registry model (with its
-    registered params, its files and weights checked), and the params it runs with."""
+    registered params, its files and weights checked), and the params it runs with. Evaluation
+    gives ``inference``: its protocol's settings then replace either's."""
     from fmbseg.registry import resolve_model
     from fmbseg.segmenter import load_segmenter
     from fmbseg.serving import SERVING_FILE, load_registered
 
     folder = resolve_model(model)
     if (folder / SERVING_FILE).is_file():
-        return load_registered(folder)
+        return load_registered(folder, inference)
+    if inference is not None:
+        params = params.model_copy(update={"inference": inference})
     return load_segmenter(params, folder), params
 
 

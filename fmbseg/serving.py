@@ -28,7 +28,7 @@ from fmbseg.io.atomic import sha256_file, write_text_atomic
 if TYPE_CHECKING:
     import pandas as pd
 
-    from fmbseg.config import ModelsConfig, Params
+    from fmbseg.config import InferenceConfig, ModelsConfig, Params
     from fmbseg.models.base import WeightProvenance
     from fmbseg.segmenter import OpenVocabularySegmenter
 
@@ -113,8 +113,11 @@ def check_provenance(
             )
 
 
-def load_registered(folder: str | Path) -> tuple[OpenVocabularySegmenter, Params]:
-    """The segmenter of a registered model's folder, its files and weights checked."""
+def load_registered(
+    folder: str | Path, inference: InferenceConfig | None = None
+) -> tuple[OpenVocabularySegmenter, Params]:
+    """The segmenter of a registered model's folder, its files and weights checked; with its
+    registered ``inference`` params unless others are given (an evaluation protocol's)."""
     from fmbseg.segmenter import load_segmenter
 
     folder = Path(folder)
@@ -123,7 +126,10 @@ def load_registered(folder: str | Path) -> tuple[OpenVocabularySegmenter, Params
         path = folder / name
         if not path.is_file() or sha256_file(path) != digest:
             raise WeightsError(f"{path}: missing or changed since registration (sha256 differs)")
-    params = record.params.model_copy(update={"models": portable_models(record.params.models)})
+    update: dict[str, Any] = {"models": portable_models(record.params.models)}
+    if inference is not None:
+        update["inference"] = inference
+    params = record.params.model_copy(update=update)
     segmenter = load_segmenter(params, folder)
     check_provenance(folder, record.provenance, segmenter.scorer.provenance)
     return segmenter, params

@@ -124,12 +124,13 @@ def run_episodes(
     seed: int = 0,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Score ``model`` on the protocol's 1-way episodes; writes ``metrics.json``."""
+    """Score ``model`` on the protocol's 1-way episodes; writes ``metrics.json``. A registry
+    model runs with its registered ``models`` params and ``params.inference``."""
     from tqdm import tqdm
 
     from fmbseg.datasets.folder import FolderDataset
-    from fmbseg.registry import resolve_model
-    from fmbseg.segmenter import Background, load_segmenter
+    from fmbseg.predict import open_model
+    from fmbseg.segmenter import Background
 
     out = Path(out_dir)
     if protocol not in EPISODE_PROTOCOLS:
@@ -140,7 +141,7 @@ def run_episodes(
     dataset = FolderDataset(dataset_dir, split)
     names = dataset.spec.class_names
     queried = _queried(protocol, fold, names)
-    segmenter = load_segmenter(params, resolve_model(model))
+    segmenter, _ = open_model(params, model, inference=params.inference)
     threshold = getattr(segmenter.scorer, "background_threshold", None)
     if threshold is None:
         threshold = params.inference.background_threshold
