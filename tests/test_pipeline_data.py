@@ -113,3 +113,14 @@ def test_registered_training_sets_are_downloaded_by_the_pipeline(project: Path) 
     assert (project / "outputs" / "manifest" / "classes.txt").read_text().splitlines()[
         0
     ] == "person"
+
+
+def test_train_and_evaluate_rerun_when_the_text_model_changes_and_train_owns_model_json() -> None:
+    """Every method's train reads ``models.text`` and writes ``model.json`` (which method, which
+    files); evaluation builds the text model again; register reads the record."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    assert {"train", "models.text", "models.clip"} <= set(stages["train"]["params"])
+    outs = [next(iter(out)) if isinstance(out, dict) else out for out in stages["train"]["outs"]]
+    assert "outputs/model/model.json" in outs
+    assert {"inference", "models.text", "models.encoder"} <= set(stages["evaluate"]["do"]["params"])
+    assert "outputs/model/model.json" in stages["register"]["deps"]
