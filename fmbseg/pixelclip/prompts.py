@@ -3,7 +3,8 @@
 The template is tokenised once with ``{}`` repeated ``prompt_length`` times; those placeholder
 token positions then take each class's learnable vectors in token-embedding space, and the rest
 of open_clip's ``encode_text`` runs as it is: positional embedding, causal transformer,
-``ln_final``, pooling at the end-of-text token (the template's argmax id), ``text_projection``.
+``ln_final``, pooling at the end-of-text token (the template's argmax id), ``text_projection``;
+only the padding after the end-of-text token, which the causal mask keeps from it, is left out.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ class PromptedTextEncoder(nn.Module):
                 f"prompt template {template!r}: {PLACEHOLDER!r} must be its own token, found "
                 f"{len(positions)} of {prompt_length} placeholder tokens"
             )
-        self.register_buffer("template_tokens", tokens[None], persistent=False)
+        # The causal mask lets no token after end-of-text reach it: the sequence stops there,
+        # which gives open_clip's result at a fraction of the 77-token cost.
+        length = int(tokens.argmax()) + 1
+        self.register_buffer("template_tokens", tokens[None, :length], persistent=False)
         self.register_buffer("positions", positions, persistent=False)
         vocabulary = network.token_embedding.weight
         generator = torch.Generator().manual_seed(seed)
@@ -63,8 +67,10 @@ class PromptedTextEncoder(nn.Module):
         tokens = self.template_tokens.expand(clusters, -1)
         x = network.token_embedding(tokens).to(cast_dtype)
         x = x.index_copy(1, self.positions, self.prompts.to(cast_dtype))
-        x = x + network.positional_embedding.to(cast_dtype)
-        x = network.transformer(x, attn_mask=network.attn_mask)
+        length = tokens.shape[1]
+        x = x + network.positional_embedding[:length].to(cast_dtype)
+        mask = network.attn_mask
+        x = network.transformer(x, attn_mask=None if mask is None else mask[:length, :length])
         x = network.ln_final(x)
         x = text_global_pool(
             x, tokens, network.text_pool_type, eos_token_id=getattr(network, "text_eos_id", None)

@@ -254,7 +254,7 @@ def train_step(
             loss_sum += loss.item()
         classes.backward(class_leaf.grad)
         torch.nn.utils.clip_grad_norm_(parts.trained_parameters(), config.grad_clip)
-        optimizer.step()
+    optimizer.step()  # without masks nothing has a gradient and AdamW leaves it be
     scheduler.step()
     return loss_sum
 
@@ -434,6 +434,8 @@ def run_train(
     missing = [key for key in keys if key not in images]
     if missing:
         raise InputError(f"{root}: image {missing[0]!r} of the masks in {table.folder} not found")
+    if not table.summary.get("masks"):
+        log.warning("%s holds no masks: training has nothing to learn from", table.folder)
     models = clip_models(params.models, config)
     record = {
         "pixelclip": config.model_dump(mode="json"),
