@@ -91,10 +91,23 @@ class TextConfig(FrozenConfig):
     batch_size: int = 64
 
 
+class Sam3ModelConfig(FrozenConfig):
+    """SAM 3, the text-prompted segmenter of Stage 1's ``sam3`` route (fmbseg/models/sam3.py)."""
+
+    backend: str = "transformers"
+    model: str = "facebook/sam3"  # a Hugging Face id (gated) or a local model folder
+    checkpoint: str | None = None
+    allow_random_init: bool = False
+    # Sam3Config arguments for a random-init architecture (e.g. the tests' tiny one).
+    overrides: dict[str, Any] = {}
+    prompt_batch: Annotated[int, Field(ge=1)] = 16  # class prompts per forward on one embedding
+
+
 class ModelsConfig(FrozenConfig):
     clip: ClipConfig = ClipConfig()
     text: TextConfig = TextConfig()
     sam: SamConfig = SamConfig()
+    sam3: Sam3ModelConfig = Sam3ModelConfig()
     encoder: EncoderConfig = EncoderConfig()
     # Searched (with $FMBSEG_WEIGHTS_DIR) before any download; one sub-folder per role.
     weights_dir: str | None = "weights"
@@ -102,8 +115,19 @@ class ModelsConfig(FrozenConfig):
     precision: Precision = "fp32"
 
 
+class TextPromptedRouteConfig(FrozenConfig):
+    """Route ``sam3``: SAM 3 segments the candidate classes from their names."""
+
+    # "all": every vocabulary class is prompted; "clip_votes": those CLIP's crop votes found.
+    candidates: Literal["all", "clip_votes"] = "clip_votes"
+    # Which classes routes 1.1/1.2 treat as present: CLIP's vote, or the classes SAM 3 found.
+    present_from: Literal["clip", "sam3"] = "clip"
+    score_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # query score x presence
+    mask_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # on the mask's sigmoid
+
+
 class PseudoLabelConfig(FrozenConfig):
-    """Stage 1 (routes 1.1 and 1.2) for one dataset split."""
+    """Stage 1 (routes 1.1, 1.2 and the text-prompted sam3) for one dataset split."""
 
     # Prompt templates, averaged per class; the paper uses one.
     templates: tuple[str, ...] = ("a photo of a {}.",)
@@ -113,7 +137,8 @@ class PseudoLabelConfig(FrozenConfig):
     crop_stride: int = 112
     min_crops: int = 1
     points_per_class: int = 5
-    routes: tuple[Literal["1.1", "1.2"], ...] = ("1.1", "1.2")
+    routes: tuple[Literal["1.1", "1.2", "sam3"], ...] = ("1.1", "1.2")
+    sam3: TextPromptedRouteConfig = TextPromptedRouteConfig()
     automask: AutoMaskConfig = AutoMaskConfig()
     images_per_shard: int = 64
     # The stage fails at the end when more than this fraction of images could not be read.
@@ -141,6 +166,9 @@ class MergeConfig(FrozenConfig):
     """Subsampling of route 1.2 and merging with route 1.1 into label maps."""
 
     route_12_fraction: float = 0.2
+    sam3_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0  # route sam3's kept share
+    # Where masks overlap, a route earlier in this order wins.
+    priority: tuple[Literal["1.1", "1.2", "sam3"], ...] = ("1.1", "sam3", "1.2")
     seed: int = 0
 
 

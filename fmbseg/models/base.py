@@ -122,6 +122,29 @@ class PromptableSegmenter(Protocol):
         """All masks of the image on a point grid, filtered and de-duplicated per ``config``."""
 
 
+@dataclass(frozen=True)
+class TextDetection:
+    prompt: int  # index of the text prompt it answers
+    mask: np.ndarray  # (H, W) bool, original image size
+    score: float  # the model's own score of this instance (SAM 3: query score x presence)
+    presence: float  # the model's score that the prompt's concept is in the image at all
+
+
+@runtime_checkable
+class TextPromptedSegmenter(Protocol):
+    """SAM 3's role: embed an image once, then segment every instance of each text prompt."""
+
+    provenance: WeightProvenance
+
+    def embed_image(self, image: np.ndarray) -> Any:
+        """(H, W, 3) uint8 RGB -> an opaque per-image embedding reused for every prompt."""
+
+    def segment_prompts(
+        self, embedding: Any, prompts: list[str], score_threshold: float, mask_threshold: float
+    ) -> list[TextDetection]:
+        """Instances of each prompt scoring above ``score_threshold``; prompts are batched."""
+
+
 @runtime_checkable
 class PatchEncoder(Protocol):
     """The frozen self-supervised encoder: a patch feature grid, no class/register tokens."""

@@ -19,12 +19,13 @@ if TYPE_CHECKING:
         PatchEncoder,
         PromptableSegmenter,
         TextEncoder,
+        TextPromptedSegmenter,
         VisionLanguageModel,
     )
 
 Factory = Callable[["ModelsConfig"], Any]
 
-ROLES = ("clip", "sam", "encoder", "text")
+ROLES = ("clip", "sam", "encoder", "text", "sam3")
 
 _registry: dict[str, dict[str, Factory | str]] = {
     "clip": {"open_clip": "fmbseg.models.clip:build", "oracle": "fmbseg.oracle.fakes:build_clip"},
@@ -43,6 +44,7 @@ _registry: dict[str, dict[str, Factory | str]] = {
         "transformers": "fmbseg.models.text_transformers:build",
         "open_clip": "fmbseg.models.text_open_clip:build",
     },
+    "sam3": {"transformers": "fmbseg.models.sam3:build"},
 }
 
 
@@ -92,6 +94,11 @@ def build_segmenter(models: ModelsConfig) -> PromptableSegmenter:
 
 def build_patch_encoder(models: ModelsConfig) -> PatchEncoder:
     return _build("encoder", models.encoder.backend, models)
+
+
+def build_text_prompted_segmenter(models: ModelsConfig) -> TextPromptedSegmenter:
+    """SAM 3 (``models.sam3``): Stage 1's text-prompted route."""
+    return _build("sam3", models.sam3.backend, models)
 
 
 def build_text_encoder(models: ModelsConfig) -> TextEncoder:

@@ -38,6 +38,7 @@ class WeightsRequest:
     filenames: tuple[str, ...]  # file names accepted in a weights directory
     source_url: str | None = None  # probed before downloading and named in messages
     download: Callable[[], Path] | None = None  # the library's standard download
+    access: str | None = None  # how to get access to gated weights, said when none are found
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,11 @@ def resolve_weights(
             failure,
         )
         return ResolvedWeights(None, provenance("random-init", None))
+    access = f"; {request.access}" if request.access else ""
     raise WeightsError(
         f"no weights for {request.role} {request.model}: {_placement_hint(request, dirs)} "
-        f"({failure}; models.{request.role}.allow_random_init=true runs with random weights)"
+        f"({failure}{access}; models.{request.role}.allow_random_init=true runs with random "
+        "weights)"
     )
 
 

@@ -1,9 +1,10 @@
-"""Subsample route 1.2 and merge it with route 1.1 into one label map per image.
+"""Subsample routes 1.2 and sam3 and merge them with route 1.1 into one label map per image.
 
-Rule: every 1.1 mask is kept; each 1.2 mask is kept with probability ``route_12_fraction``,
-drawn from a generator seeded by (seed, image id), so the choice does not depend on shard
-order or on resuming. Overlaps: 1.1 masks win over 1.2 masks; within a route the smaller
-mask wins (masks are painted largest first). Unlabelled pixels hold ``IGNORE_LABEL``.
+Rule: every 1.1 mask is kept; each 1.2 mask is kept with probability ``route_12_fraction`` and
+each sam3 mask with ``sam3_fraction``, drawn (1.2's first) from a generator seeded by (seed,
+image id), so the choice does not depend on shard order or on resuming. Overlaps: a route
+earlier in ``merge.priority`` wins (default 1.1, then sam3, then 1.2); within a route the
+smaller mask wins (masks are painted largest first). Unlabelled pixels hold ``IGNORE_LABEL``.
 
 Output folder::
 
@@ -29,7 +30,7 @@ from fmbseg.errors import InputError
 from fmbseg.io.atomic import atomic_write, write_text_atomic
 from fmbseg.io.runs import RUN_FILE, claim_output, write_run_record
 from fmbseg.masks import IGNORE_LABEL, decode_rle, paint_label_map
-from fmbseg.pseudolabel.routes import ROUTE_AUTOMATIC, ROUTE_POINTS
+from fmbseg.pseudolabel.routes import ROUTE_AUTOMATIC, ROUTE_POINTS, ROUTE_TEXT
 from fmbseg.pseudolabel.stage import SHARD_DIR, SUMMARY_FILE
 
 LABEL_DIR = "labels"
@@ -40,19 +41,25 @@ def image_generator(seed: int, image_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
 
 
+ROUTES = (ROUTE_POINTS, ROUTE_AUTOMATIC, ROUTE_TEXT)
+
+
 def select_masks(
-    routes: Sequence[str], areas: Sequence[int], fraction: float, rng: np.random.Generator
+    routes: Sequence[str], areas: Sequence[int], config: MergeConfig, rng: np.random.Generator
 ) -> list[int]:
-    """Indices of the kept masks in painting order (1.2 then 1.1, each largest first)."""
+    """Indices of the kept masks in painting order: the lowest-priority route first, each
+    route's masks largest first."""
     routes_array = np.asarray(routes)
-    automatic = np.flatnonzero(routes_array == ROUTE_AUTOMATIC)
-    draws = rng.random(automatic.size)
-    kept_automatic = automatic[draws < fraction]
-    points = np.flatnonzero(routes_array == ROUTE_POINTS)
+    kept = {ROUTE_POINTS: np.flatnonzero(routes_array == ROUTE_POINTS)}
+    for route, fraction in ((ROUTE_AUTOMATIC, config.route_12_fraction),
+                            (ROUTE_TEXT, config.sam3_fraction)):  # fmt: skip
+        candidates = np.flatnonzero(routes_array == route)
+        kept[route] = candidates[rng.random(candidates.size) < fraction]
+    painting = [r for r in reversed(config.priority) if r in kept]
+    painting = [r for r in ROUTES if r not in config.priority] + painting  # unlisted: lowest
     order = []
-    for group in (kept_automatic, points):
-        by_area = sorted(group.tolist(), key=lambda i: -int(areas[i]))
-        order += by_area
+    for route in painting:
+        order += sorted(kept[route].tolist(), key=lambda i: -int(areas[i]))
     return order
 
 
@@ -67,9 +74,7 @@ def merge_image(
     image_id: str,
 ) -> tuple[np.ndarray, list[int]]:
     """One image's label map and the indices of the masks kept, per the module's rule."""
-    order = select_masks(
-        routes, areas, config.route_12_fraction, image_generator(config.seed, image_id)
-    )
+    order = select_masks(routes, areas, config, image_generator(config.seed, image_id))
     label_map = paint_label_map(
         height, width, [masks[i] for i in order], [class_ids[i] for i in order]
     )
@@ -132,8 +137,7 @@ def _merge_shard(
                 "labelled_fraction": float(labelled.mean()),
                 "class_pixels": pixels.tolist(),
                 "kept": {
-                    route: sum(columns["route"][rows[i]] == route for i in kept)
-                    for route in (ROUTE_POINTS, ROUTE_AUTOMATIC)
+                    route: sum(columns["route"][rows[i]] == route for i in kept) for route in ROUTES
                 },
             }
         )
@@ -179,8 +183,7 @@ def _summarise(out: Path, vocabulary: list[str]) -> dict[str, Any]:
         if images
         else 0.0,
         "masks_kept": {
-            route: int(sum(i["kept"][route] for i in images))
-            for route in (ROUTE_POINTS, ROUTE_AUTOMATIC)
+            route: int(sum(i["kept"].get(route, 0) for i in images)) for route in ROUTES
         },
         "class_pixels": {
             name: int(count) for name, count in zip(vocabulary, class_pixels, strict=True)

@@ -1,4 +1,5 @@
-"""Stage 1 on one image: route 1.1 (CLIP points prompt SAM) and 1.2 (CLIP names SAM's masks).
+"""Stage 1 on one image: route 1.1 (CLIP points prompt SAM), 1.2 (CLIP names SAM's masks) and
+sam3 (SAM 3 segments class names; fmbseg/pseudolabel/text_prompted.py).
 
 SAM's image embedding is computed once and shared by both routes.
 """
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from fmbseg.config import PseudoLabelConfig
-from fmbseg.models.base import PromptableSegmenter, VisionLanguageModel
+from fmbseg.models.base import PromptableSegmenter, TextPromptedSegmenter, VisionLanguageModel
 from fmbseg.pseudolabel.dense import (
     DenseClipFeatures,
     dense_clip_features,
@@ -24,13 +25,14 @@ from fmbseg.pseudolabel.dense import (
 
 ROUTE_POINTS = "1.1"
 ROUTE_AUTOMATIC = "1.2"
+ROUTE_TEXT = "sam3"  # fmbseg/pseudolabel/text_prompted.py
 
 
 @dataclass(frozen=True)
 class LabelledMask:
     class_id: int
-    route: str  # ROUTE_POINTS or ROUTE_AUTOMATIC
-    score: float  # SAM's predicted quality of the mask
+    route: str  # ROUTE_POINTS, ROUTE_AUTOMATIC or ROUTE_TEXT
+    score: float  # SAM's predicted quality of the mask (SAM 3: its instance score)
     mask: np.ndarray  # (H, W) bool at the image's original size
 
 
@@ -94,27 +96,49 @@ def pseudolabel_image(
     config: PseudoLabelConfig,
     clip_batch_size: int,
     image_classes: Sequence[int] | None = None,
+    *,
+    sam3: TextPromptedSegmenter | None = None,
+    class_names: Sequence[str] = (),
 ) -> ImagePseudoLabels:
-    """Both routes on one (H, W, 3) uint8 image.
+    """The configured routes on one (H, W, 3) uint8 image.
 
-    ``image_classes`` (the semi-supervised variant) replaces CLIP's presence detection.
+    ``image_classes`` (the semi-supervised variant) replaces CLIP's presence detection. Route
+    ``sam3`` needs ``sam3`` and the vocabulary's ``class_names``.
     """
+    from fmbseg.pseudolabel.text_prompted import route_text_prompted
+
     seconds: dict[str, float] = {}
     watch = _Stopwatch(seconds)
     start = time.perf_counter()
-    features = dense_clip_features(image, clip, config, clip_batch_size)
-    if image_classes is None:
+    sam_routes = ROUTE_POINTS in config.routes or ROUTE_AUTOMATIC in config.routes
+    text_route = ROUTE_TEXT in config.routes
+    vote = image_classes is None and (sam_routes or config.sam3.candidates == "clip_votes")
+    features = (
+        dense_clip_features(image, clip, config, clip_batch_size) if sam_routes or vote else None
+    )
+    if image_classes is not None:
+        present = sorted(set(image_classes))
+    elif vote:
         present = detect_present_classes(
             features.crop_embeddings, text_embeddings, config.min_crops
         )
-    else:
-        present = sorted(set(image_classes))
+    else:  # only route sam3, over the whole vocabulary: SAM 3 decides what is present
+        present = list(range(len(text_embeddings)))
     start = watch.lap("clip", start)
-    if not present:
-        return ImagePseudoLabels([], [], seconds)
+    masks: list[LabelledMask] = []
+    if text_route:
+        if sam3 is None or len(class_names) != len(text_embeddings):
+            raise ValueError("route sam3 needs a text-prompted segmenter and the class names")
+        candidates = present if config.sam3.candidates == "clip_votes" else range(len(class_names))
+        masks += route_text_prompted(image, sam3, class_names, list(candidates), config.sam3)
+        if config.sam3.present_from == "sam3" or not (vote or image_classes is not None):
+            present = sorted({m.class_id for m in masks})
+        start = watch.lap("route_sam3", start)
+    if not present or not sam_routes:
+        return ImagePseudoLabels(present, masks, seconds)
+    assert features is not None
     sam_embedding = sam.embed_image(image)
     start = watch.lap("sam_encoder", start)
-    masks: list[LabelledMask] = []
     if ROUTE_POINTS in config.routes:
         masks += route_points(
             features, text_embeddings, present, sam, sam_embedding, config.points_per_class

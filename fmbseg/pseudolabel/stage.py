@@ -30,7 +30,7 @@ from fmbseg.io.atomic import atomic_write, sha256_file, write_text_atomic
 from fmbseg.io.images import image_id, list_images, read_rgb
 from fmbseg.io.runs import claim_output, remove_partial_writes, write_run_record
 from fmbseg.masks import encode_rle
-from fmbseg.models.base import PromptableSegmenter, VisionLanguageModel
+from fmbseg.models.base import PromptableSegmenter, TextPromptedSegmenter, VisionLanguageModel
 from fmbseg.models.vocabulary import validate_vocabulary
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ SHARD_DIR = "shards"
 class Backends:
     clip: VisionLanguageModel
     sam: PromptableSegmenter
+    sam3: TextPromptedSegmenter | None = None  # route sam3 only
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,12 @@ def _run_record(
         "models": {
             "clip": params.models.clip.model_dump(mode="json"),
             "sam": params.models.sam.model_dump(mode="json"),
-        },
+        }
+        | (
+            {"sam3": params.models.sam3.model_dump(mode="json")}
+            if "sam3" in params.pseudolabel.routes
+            else {}
+        ),
     }
 
 
@@ -137,6 +143,7 @@ def _process_shard(
     params: Params,
     image_classes: Mapping[str, list[int]] | None,
     progress: Any,
+    class_names: Sequence[str] = (),
 ) -> tuple[dict[str, list[Any]], dict[str, Any]]:
     from fmbseg.pseudolabel.routes import pseudolabel_image
 
@@ -162,6 +169,8 @@ def _process_shard(
             params.pseudolabel,
             params.models.clip.batch_size,
             None if image_classes is None else image_classes.get(key, []),
+            sam3=backends.sam3,
+            class_names=class_names,
         )
         height, width = image.shape[:2]
         for labelled in result.masks:
@@ -271,9 +280,20 @@ def run_pseudolabel(
 
 
 def _build_backends(params: Params) -> Backends:
-    from fmbseg.models.registry import build_segmenter, build_vision_language_model
+    from fmbseg.models.registry import (
+        build_segmenter,
+        build_text_prompted_segmenter,
+        build_vision_language_model,
+    )
 
-    return Backends(build_vision_language_model(params.models), build_segmenter(params.models))
+    sam3 = (
+        build_text_prompted_segmenter(params.models)
+        if "sam3" in params.pseudolabel.routes
+        else None
+    )
+    return Backends(
+        build_vision_language_model(params.models), build_segmenter(params.models), sam3
+    )
 
 
 def _label_shards(
@@ -300,10 +320,17 @@ def _label_shards(
     with tqdm(total=total, unit="img", desc="pseudo-label", disable=not show_progress) as progress:
         for shard in pending:
             rows, info = _process_shard(
-                shard, images_root, backends, text_embeddings, params, image_classes, progress
+                shard,
+                images_root,
+                backends,
+                text_embeddings,
+                params,
+                image_classes,
+                progress,
+                names,
             )
             info["provenance"] = {
                 "clip": backends.clip.provenance.tag,
                 "sam": backends.sam.provenance.tag,
-            }
+            } | ({"sam3": backends.sam3.provenance.tag} if backends.sam3 is not None else {})
             write_shard(out, shard, rows, info)
