@@ -181,11 +181,19 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: tree if isinstance(tree, str) else json.dumps(tree, ensure_ascii=False)}
 
 
+GITIGNORE = ".gitignore"
+
+
 def dvc_md5(path: Path) -> str | None:
     """The hash DVC 3 records for ``path`` in ``dvc.lock`` (``hash: md5``): the md5 of a file's
     bytes; for a folder, the md5 of DVC's JSON listing of its files (sorted relative paths and
     their md5s) followed by ``.dir``. None when ``path`` does not exist. (``.dvcignore``
-    patterns are not applied: the project's outputs have none.)"""
+    patterns are not applied: the project's outputs have none.)
+
+    One difference: a folder's ``.gitignore`` files are left out. DVC writes them beside a
+    stage's file outputs after the stage has ended (``outputs/model/.gitignore`` on the first
+    run in a git repository), so with them the consumer's input hash would never equal the
+    output hash the producing stage recorded; a folder holding one differs from dvc.lock."""
     if path.is_file():
         return _file_md5(path)
     if not path.is_dir():
@@ -194,6 +202,8 @@ def dvc_md5(path: Path) -> str | None:
     for folder, subfolders, files in os.walk(path):
         subfolders[:] = [name for name in subfolders if name not in (".git", ".hg")]
         for name in files:
+            if name == GITIGNORE:
+                continue
             file = Path(folder) / name
             relpath = file.relative_to(path).as_posix()
             entries.append({"md5": _file_md5(file), "relpath": relpath})

@@ -456,6 +456,19 @@ def test_hashes_are_the_ones_dvc_records(dvc_project: Path) -> None:
         assert tracking.dvc_md5(dvc_project / name) == recorded["md5"], name
 
 
+def test_gitignores_dvc_writes_after_a_stage_leave_its_output_hash_alone(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    (model / "checkpoints").mkdir(parents=True)
+    (model / "module.safetensors").write_bytes(b"weights")
+    (model / "checkpoints" / "last.pt").write_bytes(b"state")
+    recorded_by_the_stage = tracking.dvc_md5(model)
+    (model / ".gitignore").write_text("/module.safetensors\n/checkpoints\n")
+    (model / "checkpoints" / ".gitignore").write_text("/last.pt\n")
+    assert tracking.dvc_md5(model) == recorded_by_the_stage
+    (model / "module.json").write_text("{}")
+    assert tracking.dvc_md5(model) != recorded_by_the_stage
+
+
 # --- a tracking server that does not answer -------------------------------------------------------
 
 TRAIN_PARAMS = {

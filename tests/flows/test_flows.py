@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -114,19 +115,37 @@ def test_changing_one_param_reruns_exactly_its_dependent_stages(
     assert result["promotion"]["candidate_version"] == 2
 
 
-def test_sharded_pseudolabelling_flow_records_the_stage_output(
+def test_sharded_pseudolabelling_flow_records_the_stage_output_and_its_producer(
     project: Path, prefect_and_mlflow
 ) -> None:
+    from flows.pipeline import pipeline
     from flows.pseudolabel import pseudolabel_sharded
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["pseudolabel"]["points_per_class"] = 3
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    pseudolabel_sharded(project_dir=str(project), workers=2)
+    sharded_run = pseudolabel_sharded(project_dir=str(project), workers=2)
     status = run("dvc", "status", "pseudolabel", "merge", cwd=project)
     assert "up to date" in status, status
     summary = yaml.safe_load((project / "outputs" / "pseudolabels" / "summary.json").read_text())
     assert summary["shards_done"] == summary["shards"] == 3
+
+    # A model trained on those labels names the sharded flow's run as their producer.
+    version = pipeline(project_dir=str(project))["promotion"]["candidate_version"]
+    bin_dir = Path(sys.executable).parent
+    record = json.loads(
+        run(str(bin_dir / "fmbseg"), "lineage", f"models:/fmbseg/{version}", "--json", cwd=project)
+    )
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    (locked,) = [out["md5"] for out in lock["stages"]["pseudolabel"]["outs"]]
+    producers = [
+        stage
+        for stage in record["stages"]
+        if stage["outputs"].get("outputs/pseudolabels") == locked
+    ]
+    assert [p["stage"] for p in producers] == ["pseudolabel"], record["stages"]
+    assert producers[0]["pipeline_run_id"] == sharded_run
+    assert "outputs/pseudolabels" not in {item["path"] for item in record["data"]}
 
 
 def test_prefect_yaml_deploys_existing_flows() -> None:
