@@ -271,3 +271,37 @@ def test_the_pixelclip_case_times_each_part_of_one_training_step(tmp_path: Path)
     shares = case["info"]["shares"]
     assert shares.keys() == parts and sum(shares.values()) == pytest.approx(1, abs=1e-3)
     assert case["info"]["parts_over_whole_step"] > 0
+
+
+def test_the_fusioner_cases_time_it_beside_fmbseg_on_the_same_inputs(tmp_path: Path) -> None:
+    options = BenchOptions(
+        size="tiny",
+        cases=("fusioner_train_step", "fusioner_inference"),
+        repeats=1,
+        warmup=0,
+        out_dir=tmp_path / "bench",
+    )
+    report = run_bench(options)
+    step, inference = (report["cases"][name] for name in options.cases)
+    assert step["error"] is None and inference["error"] is None
+    assert {"fusioner.forward", "fusioner.loss_forward", "fusioner.backward",
+            "fusioner.optimizer_steps", "fusioner.whole_step",
+            "fmbseg.whole_step"} == step["measurements"].keys()  # fmt: skip
+    assert step["info"]["decoder_side"] == 2 * step["info"]["grid"]  # tiny: one x2 upsample
+    assert {"fusioner.segment", "fusioner.segment_one_class", "fmbseg.segment",
+            "fmbseg.segment_one_class"} == inference["measurements"].keys()  # fmt: skip
+    assert inference["info"]["classes"] == PRESETS["tiny"].classes
+    assert inference["info"]["seconds_per_extra_class"].keys() == {"fusioner", "fmbseg"}
+    rows = {row["key"]: row for row in report["comparisons"]}
+    for key in ("fusioner_vs_fmbseg_train_step", "fusioner_vs_fmbseg_inference",
+                "fusioner_k_classes_vs_one", "fmbseg_k_classes_vs_one"):  # fmt: skip
+        assert rows[key]["ratio"] > 0 and rows[key]["status"] == INFO
+    assert "Fusioner ÷ FMbSeg training step" in to_markdown(report)
+
+
+def test_the_benchmarked_fusioner_is_the_papers_size_beyond_tiny() -> None:
+    from fmbseg.bench.fusioner import build_fusioner, fusioner_config
+
+    with torch.device("meta"):
+        model = build_fusioner(fusioner_config("small"), 768, 768)
+    assert 48e6 < sum(p.numel() for p in model.parameters()) < 50e6

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fmbseg.bench.foundation import sam2_automatic_masks
+from fmbseg.bench.fusioner import fusioner_inference, fusioner_train_step
 from fmbseg.bench.measure import Recorder
 from fmbseg.bench.pixelclip import pixelclip_step
 from fmbseg.bench.presets import (
@@ -541,6 +542,8 @@ CASES: dict[str, CaseFn] = {
     "inference": inference,
     "onnx_image_side": onnx_image_side,
     "pixelclip_step": pixelclip_step,
+    "fusioner_train_step": fusioner_train_step,
+    "fusioner_inference": fusioner_inference,
     "sam2_automatic_masks": sam2_automatic_masks,
 }
 SCALING_CASES: dict[str, CaseFn] = {

@@ -24,6 +24,8 @@ CASE_NAMES = (
     "inference",
     "onnx_image_side",
     "pixelclip_step",
+    "fusioner_train_step",
+    "fusioner_inference",
     "sam2_automatic_masks",
 )
 SCALING_CASE_NAMES = ("scale_pseudolabel", "scale_features")
