@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fmbseg.bench.foundation import sam2_automatic_masks
+from fmbseg.bench.foundation import sam2_automatic_masks, sam3_prompts
 from fmbseg.bench.fusioner import fusioner_inference, fusioner_train_step
 from fmbseg.bench.measure import Recorder
 from fmbseg.bench.pixelclip import pixelclip_step
@@ -545,6 +545,7 @@ CASES: dict[str, CaseFn] = {
     "fusioner_train_step": fusioner_train_step,
     "fusioner_inference": fusioner_inference,
     "sam2_automatic_masks": sam2_automatic_masks,
+    "sam3_prompts": sam3_prompts,
 }
 SCALING_CASES: dict[str, CaseFn] = {
     "scale_pseudolabel": scale_pseudolabel,

@@ -80,3 +80,54 @@ def sam2_automatic_masks(ctx: CaseContext, rec: Recorder) -> dict[str, Any]:
         "masks_sam2": len(masks_sam2),
         "units": {name: [1, "image"] for name in rec.samples},
     }
+
+
+SAM3_MAX_CLASSES = 32  # beyond the tiny preset: the class prompts timed per image
+
+
+def sam3_prompts(ctx: CaseContext, rec: Recorder) -> dict[str, Any]:
+    """SAM 3 on K class names: one vision embedding and the prompts batched against it, vs
+    transformers' one call per class (``processor(images, text)`` then ``model(**inputs)``,
+    as its model card shows), which re-embeds the image for every class."""
+    import torch
+
+    from fmbseg.models.base import WeightProvenance
+    from fmbseg.models.sam3 import TINY_SAM3, TransformersSam3, random_init
+
+    torch.manual_seed(SEED)
+    model, processor = random_init(TINY_SAM3 if ctx.preset.name == "tiny" else {})
+    classes = min(ctx.preset.classes, SAM3_MAX_CLASSES)
+    sam3 = TransformersSam3(
+        model, processor, WeightProvenance("sam3", "sam3", "random-init"), ctx.runtime, classes
+    )
+    names = [f"class {index}" for index in range(classes)]
+    image = ctx.image()
+
+    def batched() -> int:
+        return len(sam3.segment_prompts(sam3.embed_image(image), names, 0.5, 0.5))
+
+    def one_call_per_class() -> int:
+        found = 0
+        for name in names:
+            inputs = processor(images=image, text=name, return_tensors="pt").to(sam3.device)
+            with torch.no_grad():
+                outputs = model(**inputs)
+            (result,) = processor.post_process_instance_segmentation(
+                outputs, threshold=0.5, mask_threshold=0.5, target_sizes=[image.shape[:2]]
+            )
+            found += len(result["scores"])
+        return found
+
+    for _ in rec.rounds():
+        rec.time("ours.vision_embedding", sam3.embed_image, image)
+        rec.time("ours.batched_prompts", batched)
+        rec.time("reference.one_call_per_class", one_call_per_class)
+    return {
+        "classes": classes,
+        "image_side": int(model.config.vision_config.backbone_config.image_size),
+        "units": {
+            "ours.vision_embedding": [1, "image"],
+            "ours.batched_prompts": [classes, "class"],
+            "reference.one_call_per_class": [classes, "class"],
+        },
+    }

@@ -27,6 +27,7 @@ CASE_NAMES = (
     "fusioner_train_step",
     "fusioner_inference",
     "sam2_automatic_masks",
+    "sam3_prompts",
 )
 SCALING_CASE_NAMES = ("scale_pseudolabel", "scale_features")
 ALL_CASES = (*CASE_NAMES, *SCALING_CASE_NAMES)

@@ -79,6 +79,13 @@ COMPARISONS: tuple[Comparison, ...] = (
         ("reference.sam_encoder", "reference.sam_automatic_masks"),
     ),
     Comparison(
+        "sam3_batched_vs_one_call_per_class",
+        "SAM 3 on K classes: batched prompts on one embedding ÷ one transformers call per class",
+        "sam3_prompts",
+        ("ours.batched_prompts",),
+        ("reference.one_call_per_class",),
+    ),
+    Comparison(
         "clip_batched_vs_one_crop",
         "dense CLIP features batched ÷ one crop at a time, time",
         "clip_dense",

@@ -33,12 +33,43 @@ from fmbseg.models.runtime import Runtime
 from fmbseg.models.weights import WeightsRequest, resolve_weights
 
 if TYPE_CHECKING:
-
     from fmbseg.config import ModelsConfig
 
 WEIGHTS_FILE = "model.safetensors"
 HUB_URL = "https://huggingface.co"
 TEXT_LENGTH = 32  # Sam3Processor pads every prompt to 32 tokens
+
+
+_TINY_WIDTH = 32
+# SAM 3's architecture at widths of 32 and one or two layers per part, 112 px input: the
+# tests' and the tiny benchmark's random-init model (``models.sam3.overrides``).
+TINY_SAM3: dict[str, Any] = {
+    "vision_config": {
+        "backbone_config": {
+            "model_type": "sam3_vit_model",
+            "hidden_size": _TINY_WIDTH,
+            "intermediate_size": 2 * _TINY_WIDTH,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 112,
+            "patch_size": 14,
+            "window_size": 4,
+            "global_attn_indexes": [1],
+            "pretrain_image_size": 56,
+        },
+        "fpn_hidden_size": _TINY_WIDTH,
+        "backbone_feature_sizes": [[32, 32], [16, 16], [8, 8]],
+    },
+    "text_config": {"hidden_size": _TINY_WIDTH, "intermediate_size": 2 * _TINY_WIDTH, "num_hidden_layers": 1,
+                    "num_attention_heads": 2, "projection_dim": _TINY_WIDTH},
+    "geometry_encoder_config": {"hidden_size": _TINY_WIDTH, "num_layers": 1, "num_attention_heads": 2,
+                                "intermediate_size": 2 * _TINY_WIDTH},
+    "detr_encoder_config": {"hidden_size": _TINY_WIDTH, "num_layers": 1, "num_attention_heads": 2,
+                            "intermediate_size": 2 * _TINY_WIDTH},
+    "detr_decoder_config": {"hidden_size": _TINY_WIDTH, "num_layers": 1, "num_attention_heads": 2,
+                            "intermediate_size": 2 * _TINY_WIDTH, "num_queries": 8},
+    "mask_decoder_config": {"hidden_size": _TINY_WIDTH, "num_attention_heads": 2},
+}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -20,37 +20,10 @@ from fmbseg.config import ModelsConfig
 from fmbseg.errors import ConfigError, WeightsError
 from fmbseg.models.base import TextPromptedSegmenter
 from fmbseg.models.registry import build_text_prompted_segmenter
+from fmbseg.models.sam3 import TINY_SAM3
 
 pytest.importorskip("transformers.models.sam3", reason="transformers without SAM 3")
 
-WIDTH = 32
-TINY_SAM3 = {
-    "vision_config": {
-        "backbone_config": {
-            "model_type": "sam3_vit_model",
-            "hidden_size": WIDTH,
-            "intermediate_size": 2 * WIDTH,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 112,
-            "patch_size": 14,
-            "window_size": 4,
-            "global_attn_indexes": [1],
-            "pretrain_image_size": 56,
-        },
-        "fpn_hidden_size": WIDTH,
-        "backbone_feature_sizes": [[32, 32], [16, 16], [8, 8]],
-    },
-    "text_config": {"hidden_size": WIDTH, "intermediate_size": 2 * WIDTH, "num_hidden_layers": 1,
-                    "num_attention_heads": 2, "projection_dim": WIDTH},
-    "geometry_encoder_config": {"hidden_size": WIDTH, "num_layers": 1, "num_attention_heads": 2,
-                                "intermediate_size": 2 * WIDTH},
-    "detr_encoder_config": {"hidden_size": WIDTH, "num_layers": 1, "num_attention_heads": 2,
-                            "intermediate_size": 2 * WIDTH},
-    "detr_decoder_config": {"hidden_size": WIDTH, "num_layers": 1, "num_attention_heads": 2,
-                            "intermediate_size": 2 * WIDTH, "num_queries": 8},
-    "mask_decoder_config": {"hidden_size": WIDTH, "num_attention_heads": 2},
-}  # fmt: skip
 PROMPTS = ["cat", "traffic light", "sky", "café terrace", "dog"]
 MASK = 0.5
 

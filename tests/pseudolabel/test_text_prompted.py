@@ -139,7 +139,7 @@ def test_fmbseg_pseudolabel_with_the_sam3_route_runs_to_trained_model(
     then merge, cache-features and train (oracle CLIP, SAM and encoder)."""
     pytest.importorskip("transformers.models.sam3")
     from fmbseg.cli import main
-    from tests.models.test_sam3 import TINY_SAM3
+    from fmbseg.models.sam3 import TINY_SAM3
 
     write_scene_folder(WORLD, 2, tmp_path / "scenes", seed=4, sizes=((64, 80),))
     (tmp_path / "classes.txt").write_text("\n".join(NAMES), encoding="utf-8")
