@@ -107,7 +107,9 @@ def leaf_keys(config: BaseModel, prefix: str = "") -> list[str]:
     return keys
 
 
-@pytest.mark.parametrize("shipped", ["params.yaml", "configs/paper.yaml"])
+@pytest.mark.parametrize(
+    "shipped", ["params.yaml", "configs/paper.yaml", "configs/sam3-teacher.yaml"]
+)
 def test_shipped_params_files_write_every_key(shipped: str) -> None:
     """`dvc exp run -S key=value` only sets keys the file already has (else it needs `+key`)."""
     data = yaml.safe_load((REPO / shipped).read_text(encoding="utf-8"))

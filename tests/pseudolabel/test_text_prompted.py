@@ -167,3 +167,19 @@ def test_fmbseg_pseudolabel_with_the_sam3_route_runs_to_trained_model(
                  "--labels", "merged", "--out", "features"]) == 0  # fmt: skip
     assert main(["-q", "train", *options, "--features", "features", "--out", "model"]) == 0
     assert (tmp_path / "model" / "module.safetensors").is_file()
+
+
+def test_the_sam3_teacher_config_distils_sam3_into_dinov3_in_clip_ls_text_space() -> None:
+    from fmbseg.config import load_params
+
+    params = load_params(Path(__file__).resolve().parents[2] / "configs" / "sam3-teacher.yaml")
+    assert (
+        params.pseudolabel.routes[0] == ROUTE_TEXT and params.pseudolabel.sam3.candidates == "all"
+    )
+    assert params.models.encoder.model.startswith("vit_large_patch16_dinov3")
+    assert (params.models.text.backend, params.models.clip.model) == ("clip", "ViT-L-14")
+    assert params.features.image_size % 16 == 0
+    models = params.models
+    assert not any(
+        m.allow_random_init for m in (models.clip, models.sam, models.sam3, models.encoder)
+    )
