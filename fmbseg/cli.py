@@ -330,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fmbseg").setLevel(logging.WARNING if args.quiet else logging.INFO)
     from fmbseg.environment import apply_quiet_defaults
-    from fmbseg.errors import FmbsegError
+    from fmbseg.errors import FmbsegError, UnavailableError
 
     apply_quiet_defaults()
     try:
@@ -338,8 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FmbsegError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        retry = f" [exit status {exc.exit_code}: a retry can succeed once the server answers]"
+        print(f"error: {exc}{retry if isinstance(exc, UnavailableError) else ''}", file=sys.stderr)
+        return exc.exit_code
     except ModuleNotFoundError as exc:
         from fmbseg.extras import missing_extra_message
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fmbseg.environment import find_project_root, find_workspace
-from fmbseg.errors import FmbsegError
+from fmbseg.errors import FmbsegError, UnavailableError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -435,8 +435,8 @@ def _close_parent(client: MlflowClient, run_id: str, status: str) -> None:
     client.set_terminated(run_id, status)
 
 
-class TrackingError(FmbsegError):
-    """The MLflow tracking server cannot record the stage's run."""
+class TrackingError(UnavailableError):
+    """The MLflow tracking server cannot record the stage's run (it does not answer)."""
 
 
 def server_unreachable(uri: str, timeout: float = 5.0) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+
+from fmbseg.errors import USER_ERROR_EXIT
 
 
 def _executable(name: str) -> str:
@@ -27,21 +30,26 @@ def _environment(extra: Mapping[str, str] | None) -> dict[str, str]:
     return env
 
 
-USER_ERROR_EXIT = 2  # fmbseg's exit status for bad input or params: retrying cannot help
+# `dvc repro` exits 255 whatever failed; its last error names the stage command's own status.
+DVC_STAGE_FAILED = re.compile(r"failed to reproduce .*, exited with (-?\d+)\s*$")
 
 
 class CommandFailed(RuntimeError):
-    def __init__(self, argv: Sequence[str], returncode: int) -> None:
+    def __init__(self, argv: Sequence[str], returncode: int, output: Sequence[str] = ()) -> None:
         super().__init__(f"{shlex.join(argv)} exited with {returncode}")
         self.returncode = returncode
+        found = [m for line in output if (m := DVC_STAGE_FAILED.search(line))]
+        # why it failed: the stage command's status under `dvc repro`, else the command's own
+        self.status = int(found[-1][1]) if found else returncode
 
 
 def worth_retrying(task: object, task_run: object, state: object) -> bool:
-    """Retry crashes and infrastructure failures, not refusals of bad input."""
+    """Retry crashes, infrastructure failures and an MLflow tracking server that did not
+    answer (fmbseg's exit status 3), not refusals of bad input or params (exit status 2)."""
     try:
         state.result()  # type: ignore[attr-defined]
     except CommandFailed as failure:
-        return failure.returncode != USER_ERROR_EXIT
+        return failure.status != USER_ERROR_EXIT
     except Exception:
         return True
     return True
@@ -75,7 +83,7 @@ def run_command(
                 logger.info(line)
                 lines.append(line)
     if process.returncode != 0:
-        raise CommandFailed(argv, process.returncode)
+        raise CommandFailed(argv, process.returncode, lines[-20:])
     return "\n".join(lines)
 
 

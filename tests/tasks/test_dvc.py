@@ -4,12 +4,15 @@ command does not outlive the process that started it."""
 from __future__ import annotations
 
 import logging
+import shlex
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tasks.dvc import CommandFailed, run_command
+from tasks.dvc import CommandFailed, run_command, worth_retrying
 
 
 class TimedLines(logging.Handler):
@@ -65,7 +68,6 @@ def test_the_command_dies_with_the_process_that_started_it(tmp_path) -> None:
     """SIGKILL of a flow-run process must not leave its stage command computing on."""
     import os
     import signal
-    import subprocess
 
     import psutil
 
@@ -91,3 +93,34 @@ def test_the_command_dies_with_the_process_that_started_it(tmp_path) -> None:
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+class FailedState:
+    """A task run's final state as Prefect hands it to a retry condition."""
+
+    def __init__(self, failure: Exception) -> None:
+        self.failure = failure
+
+    def result(self) -> None:
+        raise self.failure
+
+
+@pytest.mark.parametrize(("exit_status", "retried"), [(2, False), (3, True), (1, True)])
+def test_a_stage_is_retried_unless_fmbseg_refused_its_input_also_under_dvc_repro(
+    tmp_path, exit_status: int, retried: bool
+) -> None:
+    """fmbseg exits 2 for bad input or params (a retry cannot help) and 3 for a tracking
+    server that does not answer (a retry can); `dvc repro` itself exits 255 either way."""
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    command = shlex.join([sys.executable, "-c", f"raise SystemExit({exit_status})"])
+    (tmp_path / "dvc.yaml").write_text(f"stages:\n  stage:\n    cmd: {command}\n")
+    logger, _ = timed_logger()
+    with pytest.raises(CommandFailed) as under_dvc:
+        run_command([dvc, "repro"], str(tmp_path), logger=logger)
+    assert under_dvc.value.returncode == 255 and under_dvc.value.status == exit_status
+    with pytest.raises(CommandFailed) as alone:
+        run_command(shlex.split(command), str(tmp_path), logger=logger)
+    assert alone.value.status == exit_status
+    for failure in (under_dvc.value, alone.value):
+        assert worth_retrying(None, None, FailedState(failure)) is retried
