@@ -237,10 +237,6 @@ def build(models: ModelsConfig) -> TransformersSam3:
             'pip install "fmbseg[sam3]"'
         ) from None
     config = models.sam3
-    if config.prompt_batch < 1:
-        raise ConfigError(
-            f"models.sam3.prompt_batch: must be at least 1 (got {config.prompt_batch})"
-        )
     local = Path(config.model)
     checkpoint = config.checkpoint
     if checkpoint is None and local.is_dir():
@@ -249,6 +245,7 @@ def build(models: ModelsConfig) -> TransformersSam3:
         checkpoint = str(Path(checkpoint) / WEIGHTS_FILE)
     name = config.model.rstrip("/").rsplit("/", 1)[-1]
     on_hub = not local.is_dir()
+    gated = on_hub and config.model.startswith("facebook/sam3")
     resolved = resolve_weights(
         WeightsRequest(
             role="sam3",
@@ -260,7 +257,7 @@ def build(models: ModelsConfig) -> TransformersSam3:
                 f"{config.model} is gated: request access at {HUB_URL}/{config.model}, then "
                 "log in (hf auth login, or set HF_TOKEN)"
             )
-            if on_hub
+            if gated
             else None,
         ),
         checkpoint=checkpoint,
