@@ -152,6 +152,10 @@ class MasksConfig(FrozenConfig):
     k-means clusters of the frozen encoder's patch tokens (``dino``)."""
 
     source: Literal["sam", "dino"] = "sam"
+    # sam: this stage's own automatic-mask filters (0 turns one off, as in SAM); None keeps
+    # pseudolabel.automask's, and only then can route 1.2's masks be reused.
+    pred_iou_thresh: float | None = None
+    stability_score_thresh: float | None = None
     kmeans_clusters: Annotated[int, Field(ge=1)] = 16
     # Encoder input side (a multiple of its patch): 560 gives DINOv2/14 the 40x40 tokens that
     # PixelCLIP's DINO ViT-S/16 has at 640.

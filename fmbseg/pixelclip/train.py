@@ -435,7 +435,12 @@ def run_train(
     if missing:
         raise InputError(f"{root}: image {missing[0]!r} of the masks in {table.folder} not found")
     if not table.summary.get("masks"):
-        log.warning("%s holds no masks: training has nothing to learn from", table.folder)
+        raise InputError(
+            f"{table.folder}: the masks stage kept no mask on {len(keys)} images, so PixelCLIP "
+            "has nothing to learn from; lower masks.pred_iou_thresh and "
+            "masks.stability_score_thresh (0 turns SAM's filter off; random-init SAM passes "
+            "neither default) or set masks.source=dino"
+        )
     models = clip_models(params.models, config)
     record = {
         "pixelclip": config.model_dump(mode="json"),

@@ -2,9 +2,11 @@
 
 Sources (``masks.source``):
 
-- ``sam``: SAM's automatic masks with ``pseudolabel.automask``, on every image. Route 1.2
-  computes exactly these masks, but only on images where CLIP found a class; given that run
-  (``pseudolabels``), its masks are reused wherever it has them and SAM runs on the rest.
+- ``sam``: SAM's automatic masks with ``pseudolabel.automask``, on every image, its two
+  filters replaceable by ``masks.pred_iou_thresh`` and ``masks.stability_score_thresh``. Route
+  1.2 computes exactly these masks, but only on images where CLIP found a class; given that
+  run (``pseudolabels``) with the same settings, its masks are reused wherever it has them and
+  SAM runs on the rest.
 - ``dino``: PixelCLIP's DINO option: k-means (``masks.kmeans_clusters``) over the frozen
   encoder's (``models.encoder``) patch tokens of the image resized to a square, each cluster
   nearest-upsampled to the image: one mask per non-empty cluster.
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fmbseg.config import Params
+from fmbseg.config import AutoMaskConfig, Params
 from fmbseg.errors import FmbsegError, InputError
 from fmbseg.io.atomic import sha256_file, write_text_atomic
 from fmbseg.io.images import image_id, list_images, read_rgb
@@ -90,6 +92,20 @@ def kmeans(
     return torch.cdist(points, centres).argmin(dim=1)
 
 
+def automask_config(params: Params) -> AutoMaskConfig:
+    """``pseudolabel.automask`` with the filters that ``masks`` sets in place of its own."""
+    config = params.masks
+    update = {
+        key: value
+        for key, value in (
+            ("pred_iou_thresh", config.pred_iou_thresh),
+            ("stability_score_thresh", config.stability_score_thresh),
+        )
+        if value is not None
+    }
+    return params.pseudolabel.automask.model_copy(update=update)
+
+
 @dataclass(frozen=True)
 class MaskSources:
     """The models that make masks (each built only when the source needs it)."""
@@ -141,7 +157,7 @@ def _reusable_route_12(params: Params, pseudolabels: Path | None, digest: str) -
         run.get("images_sha256") == digest
         and run.get("precision") == params.models.precision
         and run.get("models", {}).get("sam") == params.models.sam.model_dump(mode="json")
-        and run["pseudolabel"]["automask"] == params.pseudolabel.automask.model_dump(mode="json")
+        and run["pseudolabel"]["automask"] == automask_config(params).model_dump(mode="json")
         and ROUTE_REUSED in run["pseudolabel"]["routes"]
     )
     if not same:
@@ -182,7 +198,7 @@ def _image_masks(
     if reused is not None and reused.get(key) is not None:
         return [(ROUTE_REUSED, score, rle) for score, rle in reused[key]]
     embedding = sources.sam.embed_image(image)
-    proposals = sources.sam.generate_masks(embedding, params.pseudolabel.automask)
+    proposals = sources.sam.generate_masks(embedding, automask_config(params))
     seconds["sam"] = seconds.get("sam", 0.0) + time.perf_counter() - start
     return [(ROUTE_SAM, p.predicted_iou, encode_rle(p.mask)) for p in proposals if p.mask.any()]
 
@@ -231,10 +247,13 @@ def _run_record(params: Params, ids: Sequence[str], digest: str) -> dict[str, An
     }
     if params.masks.source == "sam":
         record["sam"] = params.models.sam.model_dump(mode="json")
-        record["automask"] = params.pseudolabel.automask.model_dump(mode="json")
+        record["automask"] = automask_config(params).model_dump(mode="json")
     else:
         record["encoder"] = params.models.encoder.model_dump(mode="json")
-        record["kmeans"] = params.masks.model_dump(mode="json", exclude={"images_per_shard"})
+        record["kmeans"] = params.masks.model_dump(
+            mode="json",
+            exclude={"images_per_shard", "pred_iou_thresh", "stability_score_thresh"},
+        )
     return record
 
 

@@ -242,6 +242,14 @@ def test_a_killed_run_resumes_to_the_same_result(scenes: Path, tmp_path: Path) -
                   scenes / "images", scenes / "masks", tmp_path / "b", show_progress=False)  # fmt: skip
 
 
+def test_masks_that_kept_no_mask_name_the_filters_to_open(scenes: Path, tmp_path: Path) -> None:
+    strict = params_with("masks.pred_iou_thresh=1.5")  # above any predicted IoU
+    run_masks(strict, scenes / "images", tmp_path / "masks", show_progress=False)
+    with pytest.raises(InputError, match="kept no mask on 16 images.*masks.pred_iou_thresh"):
+        run_train(strict, scenes / "images", tmp_path / "masks", tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
 def _cluster_purity(clip: object, held_out: list) -> float:
     """Patches of held-out scenes k-means clustered (k = classes present) on the tower's dense
     embeddings: the share of patches whose cluster's majority class is their class."""

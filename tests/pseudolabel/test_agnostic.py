@@ -101,6 +101,32 @@ def test_route_12_masks_are_reused_and_sam_runs_only_where_stage_1_did_not(
     assert sam.embed_calls == 7
 
 
+def test_the_stages_own_sam_filters_replace_pseudolabels_and_stop_reuse(
+    scenes: Path, tmp_path: Path
+) -> None:
+    world = OracleWorld()  # oversegmented halves: predicted IoU 0.90, stability 0.96
+
+    def mask_count(folder: str, *overrides: str, pseudolabels: Path | None = None) -> int:
+        sam = FakeSam(world, oversegment=True)
+        summary = run_masks(
+            params_with(*overrides), scenes / "images", tmp_path / folder,
+            pseudolabels=pseudolabels, sources=MaskSources(sam=sam), show_progress=False,
+        )  # fmt: skip
+        assert sam.embed_calls == 7  # never reused: Stage 1 filtered with other thresholds
+        return summary["masks"]
+
+    assert mask_count("strict", "masks.stability_score_thresh=0.97") == 0
+    opened = ("pseudolabel.automask.stability_score_thresh=0.97", "masks.stability_score_thresh=0")
+    assert mask_count("opened", *opened) == mask_count("shared") > 0
+    labels = {f"{i:04d}": [world.class_names[0]] for i in range(7)}
+    run_pseudolabel(
+        params_with(), scenes / "images", list(world.class_names), tmp_path / "pl",
+        image_labels=labels, backends=Backends(FakeClip(world), FakeSam(world, oversegment=True)),
+        show_progress=False,
+    )  # fmt: skip
+    assert mask_count("own", "masks.pred_iou_thresh=0.5", pseudolabels=tmp_path / "pl") > 0
+
+
 def test_dino_kmeans_masks_partition_each_image(scenes: Path, tmp_path: Path) -> None:
     params = params_with("masks.source=dino")
     sources = MaskSources(encoder=FakeEncoder(OracleWorld()))
