@@ -71,7 +71,7 @@ def test_stage_1_and_2_chain_end_to_end(tmp_path: Path) -> None:
     )
     trained = fmbseg("train", *ORACLE, "--features", "features", "--out", "model", cwd=tmp_path)
     assert labelled["images"] == merged["images"] == 6
-    assert cached["images"] == 6
+    assert cached["source_images"] == 6  # cached entries are tiles of them
     assert trained["epochs"] == 2
     assert (tmp_path / "model" / "module.safetensors").is_file()
 

@@ -144,7 +144,7 @@ def test_an_unreadable_image_is_skipped_and_recorded_while_the_others_are_proces
     )
     assert result.code == 0, result.stderr
     index = read_json(tmp_path / "features" / "index.json")
-    assert list(index["failed_images"]) == [Path(name).stem] and index["images"] == 2
+    assert list(index["failed_images"]) == [Path(name).stem] and index["source_images"] == 2
     outcome(
         "image",
         kind,
