@@ -46,6 +46,15 @@ from fmbseg.align.module import (
 from fmbseg.config import Params
 from fmbseg.errors import ConfigError, FmbsegError, InputError, WeightsError
 from fmbseg.io.atomic import atomic_write, sha256_file, write_text_atomic
+from fmbseg.io.checkpoints import (
+    LATEST_FILE,
+    flatten_optimizer,
+    flatten_state,
+    load_latest,
+    load_optimizer,
+    save_checkpoint,
+    unflatten_state,
+)
 from fmbseg.io.runs import claim_output, write_run_record
 from fmbseg.methods import MODEL_FILE, write_model_record
 from fmbseg.models.base import TextEncoder
@@ -55,7 +64,6 @@ log = logging.getLogger(__name__)
 
 TEXT_FILE = "text_embeddings.safetensors"
 CHECKPOINT_DIR = "checkpoints"
-LATEST_FILE = "latest.json"
 MODULE_FILE = "module.safetensors"
 LOSS_FILE = "loss.csv"
 LOSS_CHART = "loss.png"
@@ -152,7 +160,8 @@ def _initial_module(params: Params, spec: ModuleSpec, shards: FeatureShards) -> 
 
 
 class Checkpoints:
-    """One resumable checkpoint per epoch: tensors in safetensors, the rest in JSON."""
+    """One resumable checkpoint per epoch (see :mod:`fmbseg.io.checkpoints`): module weights,
+    SGD momentum and losses as tensors; epoch, optimiser groups, scheduler and seconds in JSON."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -166,32 +175,16 @@ class Checkpoints:
         losses: list[float],
         seconds: float,
     ) -> None:
-        from safetensors.torch import save
-
-        state = optimizer.state_dict()
-        tensors = {
-            f"module.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()
-        }
-        for index, entry in state["state"].items():
-            tensors[f"optimizer.{index}.momentum_buffer"] = (
-                entry["momentum_buffer"].cpu().contiguous()
-            )
+        moments, groups = flatten_optimizer("optimizer", optimizer)
+        tensors = flatten_state("module", module.state_dict()) | moments
         tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
-        name = f"epoch_{epoch:03d}.safetensors"
-        with atomic_write(self.folder / name) as handle:
-            handle.write(save(tensors))
         record = {
             "epoch": epoch,
-            "tensors": name,
-            "sha256": sha256_file(self.folder / name),
-            "optimizer_param_groups": state["param_groups"],
+            "optimizer_param_groups": groups,
             "scheduler": scheduler.state_dict(),
             "seconds": seconds,
         }
-        write_text_atomic(self.folder / LATEST_FILE, json.dumps(record, indent=2))
-        for old in self.folder.glob("epoch_*.safetensors"):
-            if old.name != name:
-                old.unlink()
+        save_checkpoint(self.folder, f"epoch_{epoch:03d}.safetensors", tensors, record)
 
     def restore(
         self,
@@ -200,30 +193,12 @@ class Checkpoints:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
     ) -> tuple[int, list[float], float]:
         """Load the latest checkpoint into the objects: (epochs done, losses, seconds)."""
-        from safetensors.torch import load_file
-
-        latest = self.folder / LATEST_FILE
-        if not latest.is_file():
+        latest = load_latest(self.folder)
+        if latest is None:
             return 0, [], 0.0
-        record = json.loads(latest.read_text(encoding="utf-8"))
-        file = self.folder / record["tensors"]
-        if not file.is_file() or sha256_file(file) != record["sha256"]:
-            raise InputError(f"{file}: checkpoint missing or its sha256 differs from {latest}")
-        for old in self.folder.glob("epoch_*.safetensors"):  # a kill can precede their removal
-            if old != file:
-                old.unlink()
-        tensors = load_file(file)
-        module.load_state_dict(
-            {k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")}
-        )
-        momentum = {
-            int(key.split(".")[1]): {"momentum_buffer": value}
-            for key, value in tensors.items()
-            if key.startswith("optimizer.")
-        }
-        optimizer.load_state_dict(
-            {"state": momentum, "param_groups": record["optimizer_param_groups"]}
-        )
+        tensors, record = latest
+        module.load_state_dict(unflatten_state("module", tensors))
+        load_optimizer("optimizer", optimizer, tensors, record["optimizer_param_groups"])
         scheduler.load_state_dict(record["scheduler"])
         return int(record["epoch"]), tensors["losses"].tolist(), float(record["seconds"])
 

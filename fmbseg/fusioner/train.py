@@ -49,7 +49,16 @@ from fmbseg.config import FusionerConfig, Params
 from fmbseg.errors import ConfigError, FmbsegError, InputError
 from fmbseg.fusioner.loss import IGNORED, masked_bce
 from fmbseg.fusioner.module import Fusioner, FusionerSpec, architecture_path, save_fusioner
-from fmbseg.io.atomic import atomic_write, sha256_file, write_text_atomic
+from fmbseg.io.atomic import write_text_atomic
+from fmbseg.io.checkpoints import (
+    LATEST_FILE,
+    flatten_optimizer,
+    flatten_state,
+    load_latest,
+    load_optimizer,
+    save_checkpoint,
+    unflatten_state,
+)
 from fmbseg.io.runs import claim_output, write_run_record
 from fmbseg.methods import MODEL_FILE, EpochCallback, write_model_record
 from fmbseg.models.base import TextEncoder
@@ -58,7 +67,6 @@ from fmbseg.models.runtime import Runtime
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-LATEST_FILE = "latest.json"
 MODULE_FILE = "module.safetensors"
 LOSS_FILE = "loss.csv"
 LOSS_CHART = "loss.png"
@@ -179,8 +187,8 @@ def optimizers(
 
 
 class Checkpoints:
-    """One resumable checkpoint per epoch: tensors (model, both optimisers' moments, losses) in
-    safetensors, the rest in JSON written last."""
+    """One resumable checkpoint per epoch (see :mod:`fmbseg.io.checkpoints`): model weights, both
+    optimisers' moments and losses as tensors; epoch, param groups and seconds in JSON."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -193,64 +201,26 @@ class Checkpoints:
         losses: list[float],
         seconds: float,
     ) -> None:
-        from safetensors.torch import save
-
-        tensors = {
-            f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-        }
+        tensors = flatten_state("model", model.state_dict())
         groups = {}
         for name, optimiser in optimisers.items():
-            state = optimiser.state_dict()
-            groups[name] = state["param_groups"]
-            for index, entry in state["state"].items():
-                for key, value in entry.items():
-                    tensors[f"{name}.{index}.{key}"] = value.detach().cpu().contiguous()
+            moments, groups[name] = flatten_optimizer(name, optimiser)
+            tensors |= moments
         tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
-        file = f"epoch_{epoch:03d}.safetensors"
-        with atomic_write(self.folder / file) as handle:
-            handle.write(save(tensors))
-        record = {
-            "epoch": epoch,
-            "tensors": file,
-            "sha256": sha256_file(self.folder / file),
-            "param_groups": groups,
-            "seconds": seconds,
-        }
-        write_text_atomic(self.folder / LATEST_FILE, json.dumps(record, indent=2))
-        for old in self.folder.glob("epoch_*.safetensors"):
-            if old.name != file:
-                old.unlink()
+        record = {"epoch": epoch, "param_groups": groups, "seconds": seconds}
+        save_checkpoint(self.folder, f"epoch_{epoch:03d}.safetensors", tensors, record)
 
     def restore(
         self, model: Fusioner, optimisers: dict[str, torch.optim.Optimizer]
     ) -> tuple[int, list[float], float]:
         """Load the latest checkpoint into the objects: (epochs done, losses, seconds)."""
-        from safetensors.torch import load_file
-
-        latest = self.folder / LATEST_FILE
-        if not latest.is_file():
+        latest = load_latest(self.folder)
+        if latest is None:
             return 0, [], 0.0
-        record = json.loads(latest.read_text(encoding="utf-8"))
-        file = self.folder / record["tensors"]
-        if not file.is_file() or sha256_file(file) != record["sha256"]:
-            raise InputError(f"{file}: checkpoint missing or its sha256 differs from {latest}")
-        for old in self.folder.glob("epoch_*.safetensors"):  # a kill can precede their removal
-            if old != file:
-                old.unlink()
-        tensors = load_file(file)
-        model.load_state_dict(
-            {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-        )
+        tensors, record = latest
+        model.load_state_dict(unflatten_state("model", tensors))
         for name, optimiser in optimisers.items():
-            state: dict[int, dict[str, torch.Tensor]] = {}
-            for key, value in tensors.items():
-                owner, _, rest = key.partition(".")
-                if owner == name:
-                    index, _, field = rest.partition(".")
-                    state.setdefault(int(index), {})[field] = value
-            optimiser.load_state_dict(
-                {"state": state, "param_groups": record["param_groups"][name]}
-            )
+            load_optimizer(name, optimiser, tensors, record["param_groups"][name])
         return int(record["epoch"]), tensors["losses"].tolist(), float(record["seconds"])
 
 

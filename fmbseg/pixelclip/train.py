@@ -48,7 +48,16 @@ import torch.nn.functional as F
 
 from fmbseg.config import ModelsConfig, Params, PixelClipConfig
 from fmbseg.errors import ConfigError, FmbsegError, InputError
-from fmbseg.io.atomic import atomic_write, sha256_file, write_text_atomic
+from fmbseg.io.atomic import atomic_write, write_text_atomic
+from fmbseg.io.checkpoints import (
+    LATEST_FILE,
+    flatten_optimizer,
+    flatten_state,
+    load_latest,
+    load_optimizer,
+    save_checkpoint,
+    unflatten_state,
+)
 from fmbseg.io.runs import claim_output, write_run_record
 from fmbseg.methods import MODEL_FILE, write_model_record
 from fmbseg.pixelclip.cluster import assign_clusters, cluster_targets, pool_masks
@@ -67,7 +76,6 @@ MODULE_FILE = "module.safetensors"
 INFO_FILE = "module.json"
 TEXT_FILE = "text_embeddings.safetensors"
 CHECKPOINT_DIR = "checkpoints"
-LATEST_FILE = "latest.json"
 LOSS_FILE = "loss.csv"
 LOSS_CHART = "loss.png"
 METRICS_FILE = "metrics.json"
@@ -290,7 +298,8 @@ class StepSampler:
 
 
 class Checkpoints:
-    """Every ``checkpoint_every`` steps: tensors in safetensors, the rest in JSON."""
+    """Every ``checkpoint_every`` steps (see :mod:`fmbseg.io.checkpoints`): trained tensors,
+    AdamW state and losses as tensors; step, optimiser groups, scheduler and seconds in JSON."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -304,33 +313,19 @@ class Checkpoints:
         losses: list[float],
         seconds: float,
     ) -> None:
-        from safetensors.torch import save
-
-        tensors = {f"student.{k}": v.detach() for k, v in parts.student_tensors().items()}
-        tensors |= {f"teacher.{k}": v.detach() for k, v in parts.teacher_tensors().items()}
-        tensors["prompts"] = parts.prompts.prompts.detach()
-        tensors |= {f"head.{k}": v for k, v in parts.head.state_dict().items()}
-        state = optimizer.state_dict()
-        for index, entry in state["state"].items():
-            for key, value in entry.items():
-                tensors[f"optimizer.{index}.{key}"] = value
+        moments, groups = flatten_optimizer("optimizer", optimizer)
+        tensors = flatten_state("student", parts.student_tensors())
+        tensors |= flatten_state("teacher", parts.teacher_tensors())
+        tensors["prompts"] = parts.prompts.prompts
+        tensors |= flatten_state("head", parts.head.state_dict()) | moments
         tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
-        tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
-        name = f"step_{step:07d}.safetensors"
-        with atomic_write(self.folder / name) as handle:
-            handle.write(save(tensors))
         record = {
             "step": step,
-            "tensors": name,
-            "sha256": sha256_file(self.folder / name),
-            "optimizer_param_groups": state["param_groups"],
+            "optimizer_param_groups": groups,
             "scheduler": scheduler.state_dict(),
             "seconds": seconds,
         }
-        write_text_atomic(self.folder / LATEST_FILE, json.dumps(record, indent=2))
-        for old in self.folder.glob("step_*.safetensors"):
-            if old.name != name:
-                old.unlink()
+        save_checkpoint(self.folder, f"step_{step:07d}.safetensors", tensors, record)
 
     def restore(
         self,
@@ -339,36 +334,21 @@ class Checkpoints:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
     ) -> tuple[int, list[float], float]:
         """Load the latest checkpoint into the objects: (steps done, losses, seconds)."""
-        from safetensors.torch import load_file
-
-        latest = self.folder / LATEST_FILE
-        if not latest.is_file():
+        latest = load_latest(self.folder)
+        if latest is None:
             return 0, [], 0.0
-        record = json.loads(latest.read_text(encoding="utf-8"))
-        file = self.folder / record["tensors"]
-        if not file.is_file() or sha256_file(file) != record["sha256"]:
-            raise InputError(f"{file}: checkpoint missing or its sha256 differs from {latest}")
-        for old in self.folder.glob("step_*.safetensors"):  # a kill can precede their removal
-            if old != file:
-                old.unlink()
-        tensors = load_file(file)
+        tensors, record = latest
         with torch.no_grad():
             for prefix, current in (
-                ("student.", parts.student_tensors()),
-                ("teacher.", parts.teacher_tensors()),
+                ("student", parts.student_tensors()),
+                ("teacher", parts.teacher_tensors()),
             ):
+                stored = unflatten_state(prefix, tensors)
                 for name, tensor in current.items():
-                    tensor.copy_(tensors[prefix + name])
+                    tensor.copy_(stored[name])
             parts.prompts.prompts.copy_(tensors["prompts"])
-        parts.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict(
-            {"state": state, "param_groups": record["optimizer_param_groups"]}
-        )
+        parts.head.load_state_dict(unflatten_state("head", tensors))
+        load_optimizer("optimizer", optimizer, tensors, record["optimizer_param_groups"])
         scheduler.load_state_dict(record["scheduler"])
         return int(record["step"]), tensors["losses"].tolist(), float(record["seconds"])
 
