@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fmbseg.config import AutoMaskConfig, Params
-from fmbseg.errors import FmbsegError, InputError
+from fmbseg.errors import InputError
 from fmbseg.io.atomic import sha256_file, write_text_atomic
 from fmbseg.io.images import image_id, list_images, read_rgb
 from fmbseg.io.runs import RUN_FILE, claim_output, remove_partial_writes, write_run_record
@@ -40,6 +40,7 @@ from fmbseg.pseudolabel.stage import (
     SHARD_DIR,
     SUMMARY_FILE,
     ShardPlan,
+    finish_summary,
     images_sha256,
     plan_shards,
     read_shard_infos,
@@ -302,14 +303,7 @@ def run_masks(
     summary = summarise(out, len(shards)) | {"source": params.masks.source}
     infos = read_shard_infos(out)
     summary["masks"] = sum(image["masks"] for info in infos for image in info["images"])
-    if summary["shards_done"] == len(shards):
-        write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False))
-        bound = params.pseudolabel.max_failed_fraction
-        if summary["failed"] > bound * len(paths):
-            raise FmbsegError(
-                f"{summary['failed']} of {len(paths)} images could not be read (more than "
-                f"pseudolabel.max_failed_fraction={bound}); see {out / SUMMARY_FILE}"
-            )
+    finish_summary(out, summary, len(paths), params.pseudolabel.max_failed_fraction)
     return summary
 
 

@@ -218,6 +218,21 @@ def summarise(out_dir: Path, total_shards: int) -> dict[str, Any]:
     }
 
 
+def finish_summary(
+    out_dir: Path, summary: dict[str, Any], images: int, max_failed_fraction: float
+) -> None:
+    """Once every shard is done: write ``summary.json``, then fail the run if more of the
+    ``images`` could not be read than ``max_failed_fraction`` allows (the summary says which)."""
+    if summary["shards_done"] != summary["shards"]:
+        return
+    write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False))
+    if summary["failed"] > max_failed_fraction * images:
+        raise FmbsegError(
+            f"{summary['failed']} of {images} images could not be read (more than "
+            f"pseudolabel.max_failed_fraction={max_failed_fraction}); see {out_dir / SUMMARY_FILE}"
+        )
+
+
 def run_pseudolabel(
     params: Params,
     images_dir: str | Path,
@@ -268,14 +283,7 @@ def run_pseudolabel(
         )
 
     summary = summarise(out, len(shards))
-    if summary["shards_done"] == len(shards):
-        write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False))
-        limit_fraction = params.pseudolabel.max_failed_fraction
-        if summary["failed"] > limit_fraction * len(paths):
-            raise FmbsegError(
-                f"{summary['failed']} of {len(paths)} images could not be read (more than "
-                f"pseudolabel.max_failed_fraction={limit_fraction}); see {out / SUMMARY_FILE}"
-            )
+    finish_summary(out, summary, len(paths), params.pseudolabel.max_failed_fraction)
     return summary
 
 
