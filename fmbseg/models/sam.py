@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fmbseg.errors import ConfigError
+from fmbseg.models.amg import keep_candidates, proposals_after_nms
 from fmbseg.models.base import PointMask, ProposedMask, WeightProvenance
 from fmbseg.models.runtime import Runtime
 from fmbseg.models.weights import (
@@ -232,50 +233,20 @@ class SegmentAnythingModel:
         grid cell, three candidates each, filtered by predicted IoU and stability, then
         de-duplicated by box NMS; plus area bounds. Masks come by decreasing predicted IoU.
         """
-        import torch
-        from segment_anything.utils.amg import (
-            MaskData,
-            batch_iterator,
-            build_point_grid,
-            rle_to_mask,
-        )
-        from torchvision.ops import batched_nms
+        from segment_anything.utils import amg
 
         height, width = embedding.original_size
-        grid = build_point_grid(config.points_per_side) * np.array([[width, height]])
-        data = MaskData()
-        for (points,) in batch_iterator(self.points_per_batch, grid):
+        grid = amg.build_point_grid(config.points_per_side) * np.array([[width, height]])
+        data = amg.MaskData()
+        for (points,) in amg.batch_iterator(self.points_per_batch, grid):
             data.cat(self._grid_batch(embedding, points, config))
-        if len(data["rles"]) == 0:
-            return []
-        keep = batched_nms(
-            data["boxes"].float(),
-            data["iou_preds"],
-            torch.zeros(len(data["boxes"]), device=data["boxes"].device),
-            iou_threshold=config.box_nms_thresh,
-        )
-        data.filter(keep)
-        return [
-            ProposedMask(
-                mask=np.ascontiguousarray(rle_to_mask(rle)),
-                predicted_iou=float(iou),
-                stability_score=float(stab),
-            )
-            for rle, iou, stab in zip(
-                data["rles"], data["iou_preds"], data["stability_score"], strict=True
-            )
-        ]
+        return proposals_after_nms(data, config, amg)
 
     def _grid_batch(
         self, embedding: SamEmbedding, points: np.ndarray, config: AutoMaskConfig
     ) -> Any:
         """Decode a batch of single-point prompts and keep the candidates that pass the filters."""
-        from segment_anything.utils.amg import (
-            MaskData,
-            batched_mask_to_box,
-            calculate_stability_score,
-            mask_to_rle_pytorch,
-        )
+        from segment_anything.utils import amg
 
         low_res, quality = self._decode(
             embedding, points[:, None, :], np.ones((len(points), 1), dtype=np.int64)
@@ -286,24 +257,10 @@ class SegmentAnythingModel:
         if config.pred_iou_thresh > 0.0:
             passing = quality > config.pred_iou_thresh
             low_res, quality = low_res[passing], quality[passing]
-        data = MaskData(logits=self._to_original_size(low_res, embedding)[:, 0], iou_preds=quality)
-        data["stability_score"] = calculate_stability_score(
-            data["logits"], self.sam.mask_threshold, config.stability_score_offset
+        data = amg.MaskData(
+            logits=self._to_original_size(low_res, embedding)[:, 0], iou_preds=quality
         )
-        if config.stability_score_thresh > 0.0:
-            data.filter(data["stability_score"] >= config.stability_score_thresh)
-        masks = data["logits"] > self.sam.mask_threshold
-        del data["logits"]
-        image_area = masks.shape[-2] * masks.shape[-1]
-        area = masks.flatten(1).sum(1)
-        within = (area >= config.min_area_fraction * image_area) & (
-            area <= config.max_area_fraction * image_area
-        )
-        data.filter(within)
-        masks = masks[within]
-        data["boxes"] = batched_mask_to_box(masks)
-        data["rles"] = mask_to_rle_pytorch(masks)
-        return data
+        return keep_candidates(data, self.sam.mask_threshold, config, amg)
 
     def _decode(
         self, embedding: SamEmbedding, points_xy: np.ndarray, labels: np.ndarray

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fmbseg.errors import ConfigError
+from fmbseg.models.amg import keep_candidates, proposals_after_nms
 from fmbseg.models.base import PointMask, ProposedMask, WeightProvenance
 from fmbseg.models.runtime import Runtime
 from fmbseg.models.weights import (
@@ -166,47 +167,22 @@ class Sam2Segmenter:
     ) -> list[ProposedMask]:
         """``SAM2AutomaticMaskGenerator.generate`` on one grid over the whole image, plus area
         bounds; masks come by decreasing predicted IoU."""
-        import torch
-        from sam2.utils.amg import MaskData, batch_iterator, build_point_grid, rle_to_mask
-        from torchvision.ops import batched_nms
+        from sam2.utils import amg
 
         height, width = embedding.original_size
-        grid = build_point_grid(config.points_per_side) * np.array([[width, height]])
-        data = MaskData()
+        grid = amg.build_point_grid(config.points_per_side) * np.array([[width, height]])
+        data = amg.MaskData()
         with self._image(embedding), self.runtime.autocast():
-            for (points,) in batch_iterator(self.points_per_batch, grid):
+            for (points,) in amg.batch_iterator(self.points_per_batch, grid):
                 data.cat(self._grid_batch(embedding, points, config))
-        if len(data["rles"]) == 0:
-            return []
-        keep = batched_nms(
-            data["boxes"].float(),
-            data["iou_preds"],
-            torch.zeros(len(data["boxes"]), device=data["boxes"].device),
-            iou_threshold=config.box_nms_thresh,
-        )
-        data.filter(keep)
-        return [
-            ProposedMask(
-                mask=np.ascontiguousarray(rle_to_mask(rle)),
-                predicted_iou=float(iou),
-                stability_score=float(stab),
-            )
-            for rle, iou, stab in zip(
-                data["rles"], data["iou_preds"], data["stability_score"], strict=True
-            )
-        ]
+        return proposals_after_nms(data, config, amg)
 
     def _grid_batch(
         self, embedding: Sam2Embedding, points: np.ndarray, config: AutoMaskConfig
     ) -> Any:
         """``SAM2AutomaticMaskGenerator._process_batch`` for the whole image (no crop edges)."""
         import torch
-        from sam2.utils.amg import (
-            MaskData,
-            batched_mask_to_box,
-            calculate_stability_score,
-            mask_to_rle_pytorch,
-        )
+        from sam2.utils import amg
 
         threshold = self.predictor.mask_threshold
         coords = torch.as_tensor(points, dtype=torch.float32, device=self.device)
@@ -217,26 +193,12 @@ class Sam2Segmenter:
         logits, quality, _ = self.predictor._predict(
             coords[:, None, :], labels[:, None], multimask_output=True, return_logits=True
         )
-        data = MaskData(masks=logits.float().flatten(0, 1), iou_preds=quality.float().flatten(0, 1))
+        data = amg.MaskData(
+            logits=logits.float().flatten(0, 1), iou_preds=quality.float().flatten(0, 1)
+        )
         if config.pred_iou_thresh > 0.0:
             data.filter(data["iou_preds"] > config.pred_iou_thresh)
-        data["stability_score"] = calculate_stability_score(
-            data["masks"], threshold, config.stability_score_offset
-        )
-        if config.stability_score_thresh > 0.0:
-            data.filter(data["stability_score"] >= config.stability_score_thresh)
-        masks = data["masks"] > threshold
-        del data["masks"]
-        image_area = masks.shape[-2] * masks.shape[-1]
-        area = masks.flatten(1).sum(1)
-        within = (area >= config.min_area_fraction * image_area) & (
-            area <= config.max_area_fraction * image_area
-        )
-        data.filter(within)
-        masks = masks[within]
-        data["boxes"] = batched_mask_to_box(masks)
-        data["rles"] = mask_to_rle_pytorch(masks)
-        return data
+        return keep_candidates(data, threshold, config, amg)
 
     @contextlib.contextmanager
     def _image(self, embedding: Sam2Embedding) -> Iterator[None]:
