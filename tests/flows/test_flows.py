@@ -88,7 +88,7 @@ def test_pipeline_flow_runs_dvc_end_to_end_under_one_parent_run(
     result = pipeline(project_dir=str(project))
     assert result["promotion"]["promoted"] and result["promotion"]["reason"] == "no champion yet"
     assert stage_runs(client, result["pipeline_run_id"]) == sorted(
-        ["manifest", "pseudolabel", "merge", "features", "train", "evaluate", "register"]
+        ["manifest", "pseudolabel", "masks", "merge", "features", "train", "evaluate", "register"]
     )
     parent = client.get_run(result["pipeline_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["prefect.flow_run_id"]
