@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,7 +71,8 @@ def write_params(project: Path, **train: object) -> list[str]:
     """params.yaml with oracle models; returns the same settings as overrides."""
     overrides = ["models.clip.backend=oracle", *(f"train.{k}={v}" for k, v in train.items())]
     content = {
-        "models": {"clip": {"backend": "oracle"}},
+        "data": {"train": "data/train", "train_split": "train"},
+        "models": {"clip": {"backend": "oracle"}, "text": {"backend": "clip"}},
         "pseudolabel": {"templates": ["a photo of a {}."]},
         "train": train,
     }
@@ -94,6 +96,11 @@ def project(scenes: Path, merged: Path, tmp_path: Path) -> Iterator[Path]:
         tmp_path / "outputs" / "features",
         show_progress=False,
     )
+    # The stage's other inputs: the training images (read by methods other than FMbSeg) and the
+    # masks stage's marker for a method that trains on no masks.
+    shutil.copytree(scenes / "images", tmp_path / "data" / "train" / "images" / "train")
+    (tmp_path / "outputs" / "masks").mkdir(parents=True)
+    (tmp_path / "outputs" / "masks" / "summary.json").write_text("{}", encoding="utf-8")
     init = dvc("init", "--no-scm", "-q", cwd=tmp_path, log=tmp_path / "init.log")
     assert init.wait(timeout=60) == 0
     for key in ("core.analytics", "core.check_update"):
