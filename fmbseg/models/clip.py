@@ -35,6 +35,7 @@ grid is resized bicubically (as open_clip does when it loads weights) and cached
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -148,6 +149,33 @@ def build(models: ModelsConfig) -> OpenClipModel:
     )
 
 
+def build_patch_encoder(models: ModelsConfig) -> ClipPatchEncoder:
+    """The ``encoder`` role's ``clip`` backend: the patch tokens of the model ``models.clip``
+    names (its weights resolved as the clip role's)."""
+    return ClipPatchEncoder(build(models))
+
+
+class ClipPatchEncoder:
+    """A CLIP ViT's last-layer patch tokens in its joint space as the :class:`PatchEncoder`
+    role: what Fusioner fuses with text tokens (its spec: ``ln_post`` and ``proj`` on every
+    patch, class token dropped, L2-normalised)."""
+
+    def __init__(self, clip: OpenClipModel) -> None:
+        self.clip = clip
+        self.provenance = dataclasses.replace(clip.provenance, role="encoder")
+
+    @property
+    def patch_size(self) -> int:
+        return self.clip.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.clip.embed_dim
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.patch_tokens(images)
+
+
 class OpenClipModel:
     """A frozen open_clip CLIP behind the :class:`VisionLanguageModel` interface."""
 
@@ -252,6 +280,19 @@ class OpenClipModel:
             dense = self._dense_last_block(last_block, tokens, grid)
             patches = visual.ln_post(dense)[:, 1:] @ visual.proj
         return patches.float().reshape(batch, *grid, -1)
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float RGB in [0, 1] -> (B, H/p, W/p, D) unit vectors: every block as
+        trained, then ``ln_post`` and ``proj`` on each patch token (Fusioner's visual input)."""
+        self._check_images(images)
+        visual = self.network.visual
+        batch, _, height, width = images.shape
+        grid = (height // self.patch_size, width // self.patch_size)
+        with torch.no_grad(), self._runtime.autocast():
+            pixels = (images.to(self._device, torch.float32) - self._mean) / self._std
+            tokens = visual.transformer(self._input_tokens(pixels, grid))
+            patches = visual.ln_post(tokens)[:, 1:] @ visual.proj
+        return F.normalize(patches.float(), dim=-1).reshape(batch, *grid, -1)
 
     def _input_tokens(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Patch tokens after the class token, positions for this grid and ``ln_pre``."""

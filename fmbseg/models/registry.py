@@ -36,6 +36,8 @@ _registry: dict[str, dict[str, Factory | str]] = {
     },
     "encoder": {
         "timm": "fmbseg.models.encoder:build",
+        # the patch tokens of models.clip (Fusioner's CLIP visual input)
+        "clip": "fmbseg.models.clip:build_patch_encoder",
         "oracle": "fmbseg.oracle.fakes:build_encoder",
     },
     # "clip": the text tower of whatever ``models.clip`` builds (the paper's setting).

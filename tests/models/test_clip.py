@@ -540,3 +540,40 @@ def test_images_off_the_contract_are_refused(
 ) -> None:
     with pytest.raises(ValueError):
         random_clip.encode_images(pixels)
+
+
+def test_the_encoder_backend_clip_gives_open_clips_own_patch_tokens_in_the_joint_space(
+    random_clip: OpenClipModel,
+) -> None:
+    """Fusioner's visual input: open_clip's forward with ``output_tokens`` (every block as
+    trained, ``ln_post`` on all tokens) then ``proj`` per patch, L2-normalised; <= 1e-5."""
+    from fmbseg.models.clip import ClipPatchEncoder
+    from fmbseg.models.registry import build_patch_encoder
+
+    encoder = ClipPatchEncoder(random_clip)
+    images = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    got = encoder.encode(images)
+    grid = (4, 6)  # 16-pixel patches
+    # open_clip's own forward takes only its trained 64 x 64 input: compare there.
+    square = images[:, :, :, :64]
+    visual = random_clip.network.visual
+    visual.output_tokens = True
+    try:
+        with torch.no_grad():
+            _, tokens = visual((square - random_clip._mean) / random_clip._std)
+    finally:
+        visual.output_tokens = False
+    expected = torch.nn.functional.normalize(tokens @ visual.proj, dim=-1)
+    ours = encoder.encode(square).reshape(2, -1, encoder.embed_dim)
+    assert (ours - expected).abs().max() <= 1e-5
+    assert got.shape == (2, *grid, random_clip.embed_dim)
+    assert torch.allclose(got.norm(dim=-1), torch.ones(2, *grid), atol=1e-5)
+    assert encoder.provenance.role == "encoder"
+    built = build_patch_encoder(
+        ModelsConfig(
+            clip=ClipConfig(model=TINY, pretrained=None, allow_random_init=True),
+            encoder={"backend": "clip"},
+            weights_dir=None,
+        )
+    )
+    assert isinstance(built, ClipPatchEncoder) and built.patch_size == encoder.patch_size
