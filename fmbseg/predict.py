@@ -28,7 +28,7 @@ from fmbseg.io.images import image_id, list_images, read_rgb
 from fmbseg.models.vocabulary import validate_vocabulary
 
 if TYPE_CHECKING:
-    from fmbseg.segmenter import Background, OpenVocabularySegmenter
+    from fmbseg.segmenter import OpenVocabularySegmenter
 
 log = logging.getLogger(__name__)
 
@@ -116,25 +116,6 @@ def write_overlay_png(
         Image.fromarray(overlay).save(handle, format="PNG")
 
 
-def background_rule(
-    inference: InferenceConfig, names: Sequence[str], background: str | None
-) -> Background | None:
-    """How the class named ``background`` is predicted (``inference.background``'s rule), or
-    None when no class stands for background."""
-    from fmbseg.segmenter import Background
-
-    if background is None:
-        return None
-    if background not in names:
-        raise InputError(f"background class {background!r} is not one of the classes {names}")
-    index = list(names).index(background)
-    if inference.background == "stuff":
-        from fmbseg.datasets.registry import coco_stuff_stuff_names
-
-        return Background(index, stuff_names=tuple(coco_stuff_stuff_names()))
-    return Background(index, threshold=inference.background_threshold)
-
-
 def open_model(
     params: Params, model: str | Path, *, inference: InferenceConfig | None = None
 ) -> tuple[OpenVocabularySegmenter, Params]:
@@ -184,6 +165,8 @@ def _labeller(
         runtime = OnnxSegmenter(model)
         rows = runtime.rows(names)
         return lambda image: runtime.score(image, runtime.text[rows]).argmax(0)
+    from fmbseg.protocols import background_rule
+
     segmenter, used = open_model(params, model)
     rule = background_rule(used.inference, names, background)
     return lambda image: segmenter.segment(image, names, rule).labels

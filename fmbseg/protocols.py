@@ -23,11 +23,13 @@ one's settings; any other takes SCLIP's base settings.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fmbseg.config import InferenceConfig
 from fmbseg.datasets.registry import DatasetSpec, coco_stuff_stuff_names, get_dataset_spec
+from fmbseg.errors import InputError
 from fmbseg.segmenter import Background
 
 # SCLIP configs/cls_voc21.txt and cls_coco_object.txt, first line: the names of background.
@@ -115,6 +117,29 @@ class Protocol:
         }
 
 
+def configured_background(inference: InferenceConfig, index: int) -> Background:
+    """``inference.background``'s rule for the class at ``index``: the paper's PV-21 rule
+    (COCO-Stuff's stuff names count as background) or a score threshold."""
+    if inference.background == "stuff":
+        return Background(
+            index, stuff_names=coco_stuff_stuff_names(), rule="stuff_names:coco_stuff_91"
+        )
+    threshold = inference.background_threshold
+    return Background(index, threshold=threshold, rule=f"score_threshold:{threshold}")
+
+
+def background_rule(
+    inference: InferenceConfig, names: Sequence[str], background: str | None
+) -> Background | None:
+    """How the class named ``background`` is predicted (``fmbseg predict --background``, a
+    served request's ``background``), or None when no class stands for background."""
+    if background is None:
+        return None
+    if background not in names:
+        raise InputError(f"background class {background!r} is not one of the classes {names}")
+    return configured_background(inference, list(names).index(background))
+
+
 def _sclip_settings(spec: DatasetSpec) -> SclipDataset:
     if spec.name in SCLIP_DATASETS:
         return SCLIP_DATASETS[spec.name]
@@ -128,15 +153,7 @@ def resolve_protocol(inference: InferenceConfig, spec: DatasetSpec) -> Protocol:
     """The settings ``inference.protocol`` gives dataset ``spec``."""
     index = spec.background_index
     if inference.protocol == "tcl":
-        if index is None:
-            background = None
-        elif inference.background == "stuff":
-            background = Background(
-                index, stuff_names=coco_stuff_stuff_names(), rule="stuff_names:coco_stuff_91"
-            )
-        else:
-            threshold = inference.background_threshold
-            background = Background(index, threshold=threshold, rule=f"score_threshold:{threshold}")
+        background = None if index is None else configured_background(inference, index)
         reference = "khanrc/tcl segmentation/configs/_base_/datasets (mmseg 0.x)"
         return Protocol("tcl", inference, background, reference)
 

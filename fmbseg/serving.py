@@ -168,7 +168,7 @@ def segment_request(
     import pandas as pd
 
     from fmbseg.models.vocabulary import validate_vocabulary
-    from fmbseg.predict import background_rule
+    from fmbseg.protocols import background_rule
 
     if IMAGE_COLUMN not in images.columns:
         raise InputError(f"the request has no {IMAGE_COLUMN!r} column (columns: {list(images)})")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fmbseg.bench import harness
-from fmbseg.bench.cases import CASES, SCALING_CASES
+from fmbseg.bench.catalog import CASES, SCALING_CASES
 from fmbseg.bench.harness import command, run_bench
 from fmbseg.bench.measure import Recorder
 from fmbseg.bench.options import (

@@ -16,10 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fmbseg.bench.foundation import sam2_automatic_masks, sam3_prompts
-from fmbseg.bench.fusioner import fusioner_inference, fusioner_train_step
 from fmbseg.bench.measure import Recorder
-from fmbseg.bench.pixelclip import pixelclip_step
 from fmbseg.bench.presets import (
     Preset,
     build_clip,
@@ -531,23 +528,3 @@ def prepare_scaling_sets(folder: Path, sizes: list[int]) -> None:
     """One folder per N (``folder/<N>``), since listing a folder costs as much as its size."""
     for count in sizes:
         write_labelled_scenes(folder / str(count), count, (SCALE_IMAGE, SCALE_IMAGE), seed=2)
-
-
-CASES: dict[str, CaseFn] = {
-    "clip_dense": clip_dense,
-    "sam_routes": sam_routes,
-    "masks": masks,
-    "cache_features": cache_features,
-    "train_step": train_step,
-    "inference": inference,
-    "onnx_image_side": onnx_image_side,
-    "pixelclip_step": pixelclip_step,
-    "fusioner_train_step": fusioner_train_step,
-    "fusioner_inference": fusioner_inference,
-    "sam2_automatic_masks": sam2_automatic_masks,
-    "sam3_prompts": sam3_prompts,
-}
-SCALING_CASES: dict[str, CaseFn] = {
-    "scale_pseudolabel": scale_pseudolabel,
-    "scale_features": scale_features,
-}

@@ -19,7 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fmbseg.bench.cases import CASES, SCALING_CASES, prepare_scaling_sets
+from fmbseg.bench.cases import prepare_scaling_sets
+from fmbseg.bench.catalog import CASES, SCALING_CASES
 from fmbseg.bench.measure import machine_info, package_versions
 from fmbseg.bench.options import BenchOptions, options_from_args
 from fmbseg.bench.presets import Preset, get_preset

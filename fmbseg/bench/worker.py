@@ -18,7 +18,8 @@ from typing import Any
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from fmbseg.bench.cases import CASES, SCALING_CASES, CaseContext
+    from fmbseg.bench.cases import CaseContext
+    from fmbseg.bench.catalog import CASES, SCALING_CASES
     from fmbseg.bench.measure import Recorder, device_info
     from fmbseg.bench.presets import get_preset, register_clip_architecture
     from fmbseg.models.runtime import Runtime

@@ -1,5 +1,5 @@
 """Stage 1 on one image: route 1.1 (CLIP points prompt SAM), 1.2 (CLIP names SAM's masks) and
-sam3 (SAM 3 segments class names; fmbseg/pseudolabel/text_prompted.py).
+sam3 (SAM 3 segments class names, no CLIP points involved).
 
 SAM's image embedding is computed once and shared by both routes.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fmbseg.config import PseudoLabelConfig
+from fmbseg.config import PseudoLabelConfig, TextPromptedRouteConfig
 from fmbseg.models.base import PromptableSegmenter, TextPromptedSegmenter, VisionLanguageModel
 from fmbseg.pseudolabel.dense import (
     DenseClipFeatures,
@@ -25,7 +25,7 @@ from fmbseg.pseudolabel.dense import (
 
 ROUTE_POINTS = "1.1"
 ROUTE_AUTOMATIC = "1.2"
-ROUTE_TEXT = "sam3"  # fmbseg/pseudolabel/text_prompted.py
+ROUTE_TEXT = "sam3"
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,37 @@ class LabelledMask:
     route: str  # ROUTE_POINTS, ROUTE_AUTOMATIC or ROUTE_TEXT
     score: float  # SAM's predicted quality of the mask (SAM 3: its instance score)
     mask: np.ndarray  # (H, W) bool at the image's original size
+
+
+def route_text_prompted(
+    image: np.ndarray,
+    segmenter: TextPromptedSegmenter,
+    class_names: Sequence[str],
+    candidates: Sequence[int],
+    config: TextPromptedRouteConfig,
+) -> list[LabelledMask]:
+    """Route ``sam3``: SAM 3's instances of each candidate class on one (H, W, 3) uint8 image.
+
+    The candidates are the whole vocabulary or the classes CLIP's crop votes found
+    (``pseudolabel.sam3.candidates``); the image is embedded once and the class names are
+    prompted in batches against that embedding. Every instance above
+    ``pseudolabel.sam3.score_threshold`` (SAM 3's query score times its presence score) becomes
+    a mask of its class, scored by SAM 3. With ``pseudolabel.sam3.present_from: sam3`` the
+    classes SAM 3 found replace CLIP's vote for routes 1.1 and 1.2. The merge stage keeps a
+    ``merge.sam3_fraction`` share of these masks and paints them per ``merge.priority``.
+    """
+    if not candidates:
+        return []
+    embedding = segmenter.embed_image(image)
+    prompts = [class_names[class_id] for class_id in candidates]
+    detections = segmenter.segment_prompts(
+        embedding, prompts, config.score_threshold, config.mask_threshold
+    )
+    return [
+        LabelledMask(candidates[d.prompt], ROUTE_TEXT, d.score, d.mask)
+        for d in detections
+        if d.mask.any()
+    ]
 
 
 @dataclass
@@ -105,8 +136,6 @@ def pseudolabel_image(
     ``image_classes`` (the semi-supervised variant) replaces CLIP's presence detection. Route
     ``sam3`` needs ``sam3`` and the vocabulary's ``class_names``.
     """
-    from fmbseg.pseudolabel.text_prompted import route_text_prompted
-
     seconds: dict[str, float] = {}
     watch = _Stopwatch(seconds)
     start = time.perf_counter()

@@ -15,8 +15,12 @@ from fmbseg.models.vocabulary import VocabularyEncoder
 from fmbseg.oracle.fakes import FakeClip, FakeSam
 from fmbseg.oracle.scenes import OracleWorld, make_scene, write_scene_folder
 from fmbseg.pseudolabel.merge import image_generator, select_masks
-from fmbseg.pseudolabel.routes import ROUTE_POINTS, ROUTE_TEXT, pseudolabel_image
-from fmbseg.pseudolabel.text_prompted import route_text_prompted
+from fmbseg.pseudolabel.routes import (
+    ROUTE_POINTS,
+    ROUTE_TEXT,
+    pseudolabel_image,
+    route_text_prompted,
+)
 
 WORLD = OracleWorld()
 NAMES = list(WORLD.class_names)
