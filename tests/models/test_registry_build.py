@@ -14,7 +14,7 @@ def test_unknown_backend_lists_the_known_ones() -> None:
     params = load_params(None, ["models.encoder.backend=dinov9"])
     with pytest.raises(
         ConfigError,
-        match=r"models.encoder.backend: unknown backend 'dinov9' \(known: oracle, timm\)",
+        match=r"models.encoder.backend: unknown backend 'dinov9' \(known: clip, oracle, timm\)",
     ):
         build_patch_encoder(params.models)
 
