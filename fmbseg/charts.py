@@ -13,7 +13,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fmbseg.io.atomic import atomic_write
+from fmbseg.io.atomic import atomic_write, write_text_atomic
+
+LOSS_FILE = "loss.csv"  # step, epoch, loss: a DVC plot
+LOSS_CHART = "loss.png"  # the same as an image, readable offline
 
 
 @contextlib.contextmanager
@@ -32,6 +35,15 @@ def _figure(path: Path, width: float, height: float) -> Iterator[Any]:
             figure.savefig(handle, format="png", dpi=100)
     finally:
         plt.close(figure)
+
+
+def write_loss_curve(out: Path, losses: Sequence[float], steps_per_epoch: int) -> None:
+    """A trainer's ``loss.csv`` and ``loss.png`` in ``out``; an "epoch" is ``steps_per_epoch``
+    steps (a checkpoint interval for trainers that count steps)."""
+    rows = ["step,epoch,loss"]
+    rows += [f"{s + 1},{s // steps_per_epoch + 1},{loss!r}" for s, loss in enumerate(losses)]
+    write_text_atomic(out / LOSS_FILE, "\n".join(rows) + "\n")
+    write_loss_png(out / LOSS_CHART, losses, steps_per_epoch)
 
 
 def write_loss_png(path: str | Path, losses: Sequence[float], steps_per_epoch: int) -> None:

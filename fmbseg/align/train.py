@@ -43,6 +43,7 @@ from fmbseg.align.module import (
     load_module,
     save_module,
 )
+from fmbseg.charts import LOSS_CHART, LOSS_FILE, write_loss_curve
 from fmbseg.config import Params
 from fmbseg.errors import ConfigError, FmbsegError, InputError, WeightsError
 from fmbseg.io.atomic import atomic_write, sha256_file, write_text_atomic
@@ -65,8 +66,6 @@ log = logging.getLogger(__name__)
 TEXT_FILE = "text_embeddings.safetensors"
 CHECKPOINT_DIR = "checkpoints"
 MODULE_FILE = "module.safetensors"
-LOSS_FILE = "loss.csv"
-LOSS_CHART = "loss.png"
 METRICS_FILE = "metrics.json"
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -357,12 +356,7 @@ def _fit(
 def _write_curves(
     out: Path, losses: list[float], steps_per_epoch: int, seconds: float, shards: FeatureShards
 ) -> dict[str, Any]:
-    from fmbseg.charts import write_loss_png
-
-    rows = ["step,epoch,loss"]
-    rows += [f"{s + 1},{s // steps_per_epoch + 1},{loss!r}" for s, loss in enumerate(losses)]
-    write_text_atomic(out / LOSS_FILE, "\n".join(rows) + "\n")
-    write_loss_png(out / LOSS_CHART, losses, steps_per_epoch)
+    write_loss_curve(out, losses, steps_per_epoch)
     epochs = len(losses) // steps_per_epoch
     metrics = {
         "final_loss": float(np.mean(losses[-steps_per_epoch:])),

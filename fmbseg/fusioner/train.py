@@ -45,6 +45,7 @@ from fmbseg.align.train import (
     save_text_embeddings,
     stored_text_embeddings,
 )
+from fmbseg.charts import LOSS_CHART, LOSS_FILE, write_loss_curve
 from fmbseg.config import FusionerConfig, Params
 from fmbseg.errors import ConfigError, FmbsegError, InputError
 from fmbseg.fusioner.loss import IGNORED, masked_bce
@@ -68,8 +69,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 MODULE_FILE = "module.safetensors"
-LOSS_FILE = "loss.csv"
-LOSS_CHART = "loss.png"
 METRICS_FILE = "metrics.json"
 
 
@@ -411,12 +410,7 @@ def _fit(
 def _write_curves(
     out: Path, losses: list[float], steps_per_epoch: int, seconds: float, episodes: int
 ) -> dict[str, Any]:
-    from fmbseg.charts import write_loss_png
-
-    rows = ["step,epoch,loss"]
-    rows += [f"{s + 1},{s // steps_per_epoch + 1},{loss!r}" for s, loss in enumerate(losses)]
-    write_text_atomic(out / LOSS_FILE, "\n".join(rows) + "\n")
-    write_loss_png(out / LOSS_CHART, losses, steps_per_epoch)
+    write_loss_curve(out, losses, steps_per_epoch)
     metrics = {
         "final_loss": float(np.mean(losses[-steps_per_epoch:])),
         "first_epoch_loss": float(np.mean(losses[:steps_per_epoch])),

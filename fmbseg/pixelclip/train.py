@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fmbseg.charts import LOSS_CHART, LOSS_FILE, write_loss_curve
 from fmbseg.config import ModelsConfig, Params, PixelClipConfig
 from fmbseg.errors import ConfigError, FmbsegError, InputError
 from fmbseg.io.atomic import atomic_write, write_text_atomic
@@ -76,8 +77,6 @@ MODULE_FILE = "module.safetensors"
 INFO_FILE = "module.json"
 TEXT_FILE = "text_embeddings.safetensors"
 CHECKPOINT_DIR = "checkpoints"
-LOSS_FILE = "loss.csv"
-LOSS_CHART = "loss.png"
 METRICS_FILE = "metrics.json"
 
 CheckpointCallback = Callable[[dict[str, Any]], None]
@@ -529,14 +528,8 @@ def _write_curves(
     table: MaskTable,
     images: int,
 ) -> dict[str, Any]:
-    from fmbseg.charts import write_loss_png
-
     every = config.checkpoint_every
-    rows = ["step,epoch,loss"] + [
-        f"{s + 1},{s // every + 1},{loss!r}" for s, loss in enumerate(losses)
-    ]
-    write_text_atomic(out / LOSS_FILE, "\n".join(rows) + "\n")
-    write_loss_png(out / LOSS_CHART, losses, every)
+    write_loss_curve(out, losses, every)
     metrics = {
         "final_loss": float(np.mean(losses[-every:])),
         "first_loss": float(losses[0]),
