@@ -7,14 +7,13 @@ from pathlib import Path
 
 from fmbseg.config import Params, load_params
 from fmbseg.environment import apply_quiet_defaults, find_project_root
-
-ENV_PROJECT_DIR = "FMBSEG_PROJECT_DIR"
+from tasks.shard_runs import PROJECT_DIR_ENV
 
 
 def apply_project_defaults() -> Path:
     """The quiet defaults of ``$FMBSEG_PROJECT_DIR``, else of the project around the working
     folder; run before Prefect is imported (see :mod:`flows`)."""
-    configured = os.environ.get(ENV_PROJECT_DIR)
+    configured = os.environ.get(PROJECT_DIR_ENV)
     return apply_quiet_defaults(Path(configured) if configured else find_project_root())
 
 

@@ -19,12 +19,10 @@ from prefect import flow, runtime
 from prefect.deployments import run_deployment
 
 from flows.common import open_project
+from fmbseg.tracking import ENV_PIPELINE_RUN, ENV_WORKER
 from tasks.dvc import dvc_commit, dvc_repro, fmbseg_command, stage_command
 from tasks.registry import end_pipeline_run, start_pipeline_run
 from tasks.shard_runs import Limits, heartbeat, supervise, worker_project
-
-WORKER_ENV = "FMBSEG_WORKER"  # read by fmbseg.tracking: the stage run's worker tag
-PIPELINE_RUN_ENV = "FMBSEG_PIPELINE_RUN_ID"  # read by fmbseg.tracking: the parent run
 
 
 @flow(name="fmbseg-pseudolabel-shard", log_prints=True)
@@ -42,9 +40,9 @@ def pseudolabel_shard(
         root = str(worker_project(project_dir, expected_commit))
         root, _ = open_project(root)
         command = stage_command(root, "pseudolabel")
-        env = {WORKER_ENV: f"{worker}/{workers}@{socket.gethostname()}"}
+        env = {ENV_WORKER: f"{worker}/{workers}@{socket.gethostname()}"}
         if pipeline_run_id:
-            env[PIPELINE_RUN_ENV] = pipeline_run_id
+            env[ENV_PIPELINE_RUN] = pipeline_run_id
         fmbseg_command(root, [*command, "--worker", f"{worker}/{workers}"], env=env)
 
 
@@ -70,7 +68,7 @@ def pseudolabel_sharded(
     dvc_repro(root, ["manifest"])  # the inputs exist and passed their data gate
     command = stage_command(root, "pseudolabel")
     parent = start_pipeline_run(root, runtime.flow_run.id)
-    tracked = {PIPELINE_RUN_ENV: parent}
+    tracked = {ENV_PIPELINE_RUN: parent}
     try:
         if deployment:
             commit = git_tags(Path(root)).get("git.commit")
@@ -94,7 +92,7 @@ def pseudolabel_sharded(
                 fmbseg_command.submit(
                     root,
                     [*command, "--worker", f"{i}/{workers}"],
-                    env=tracked | {WORKER_ENV: f"{i}/{workers}@{socket.gethostname()}"},
+                    env=tracked | {ENV_WORKER: f"{i}/{workers}@{socket.gethostname()}"},
                 )
                 for i in range(workers)
             ]

@@ -163,8 +163,8 @@ def _labeller(
         if background is not None:
             raise InputError(f"{model}: --background is not available with an ONNX export")
         runtime = OnnxSegmenter(model)
-        rows = runtime.rows(names)
-        return lambda image: runtime.score(image, runtime.text[rows]).argmax(0)
+        runtime.rows(names)  # unknown class names fail before any image is read
+        return lambda image: runtime.segment(image, names)
     from fmbseg.protocols import background_rule
 
     segmenter, used = open_model(params, model)

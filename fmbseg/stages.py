@@ -164,7 +164,8 @@ def masks(args: argparse.Namespace) -> int:
     from fmbseg.pseudolabel.agnostic import run_masks
 
     params = params_from_args(args)
-    with _tracked("masks", params, [args.images]) as run:
+    inputs = [args.images, *([args.pseudolabels] if args.pseudolabels else [])]
+    with _tracked("masks", params, inputs, [args.out]) as run:
         summary = run_masks(
             params,
             args.images,
@@ -295,16 +296,30 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_folder(args: argparse.Namespace, params: Params) -> Path:
+    """``--dataset``: a folder, or a name under ``--root`` (default ``data.root``)."""
+    dataset = Path(args.dataset)
+    if not dataset.is_dir():
+        dataset = Path(args.root or params.data.root) / args.dataset
+    if dataset.is_dir():
+        return dataset
+    from fmbseg.datasets.registry import list_datasets
+    from fmbseg.demo import DEMO_BUILDERS
+
+    known = sorted([*list_datasets(), *DEMO_BUILDERS])
+    if args.dataset not in known:
+        raise InputError(
+            f"unknown dataset {args.dataset!r} (known: {', '.join(known)}, or a folder)"
+        )
+    raise InputError(f"{dataset}: not downloaded yet; run: fmbseg download {args.dataset}")
+
+
 def evaluate_episodes(args: argparse.Namespace) -> int:
     """Fusioner's 1-way episode protocols on a dataset folder (mosaic4: a class-folder set)."""
     from fmbseg.evaluation.episodes import run_episodes
 
     params = params_from_args(args)
-    dataset = Path(args.dataset)
-    if not dataset.is_dir():
-        dataset = Path(args.root or params.data.root) / args.dataset
-    if not dataset.is_dir():
-        raise InputError(f"{args.dataset}: no such dataset folder")
+    dataset = _dataset_folder(args, params)
     out = Path(args.out)
     with _tracked("evaluate", params, [dataset, args.model], [out]) as run:
         run.set_tags({"fmbseg.dataset": dataset.name, "fmbseg.protocol": args.protocol})
@@ -335,19 +350,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.protocol:
         args.overrides = [*args.overrides, f"inference.protocol={args.protocol}"]
     params = params_from_args(args)
-    dataset = Path(args.dataset)
-    if not dataset.is_dir():
-        dataset = Path(args.root or params.data.root) / args.dataset
-    if not dataset.is_dir():
-        from fmbseg.datasets.registry import list_datasets
-        from fmbseg.demo import DEMO_BUILDERS
-
-        known = sorted([*list_datasets(), *DEMO_BUILDERS])
-        if args.dataset not in known:
-            raise InputError(
-                f"unknown dataset {args.dataset!r} (known: {', '.join(known)}, or a folder)"
-            )
-        raise InputError(f"{dataset}: not downloaded yet; run: fmbseg download {args.dataset}")
+    dataset = _dataset_folder(args, params)
     out = Path(args.out)
     source = args.pseudolabels or args.model
     with _tracked("evaluate", params, [dataset, source], [out]) as run:
@@ -361,8 +364,12 @@ def evaluate(args: argparse.Namespace) -> int:
             pseudolabels=args.pseudolabels,
             limit=args.limit,
         )
-        run.set_tags({"fmbseg.protocol": metrics["protocol"]})
-        run.set_tags({"fmbseg.background_rule": metrics["background_rule"]})
+        run.set_tags(
+            {
+                "fmbseg.protocol": metrics["protocol"],
+                "fmbseg.background_rule": metrics["background_rule"],
+            }
+        )
         _record(
             run,
             {key: metrics[key] for key in ("mIoU", "pixel_accuracy", "images", "provenance")},
@@ -381,11 +388,11 @@ def register(args: argparse.Namespace) -> int:
     from fmbseg.registry import register_module
 
     params = params_from_args(args)
+    files = sorted(Path(args.evaluations).glob("*/metrics.json"))
     evaluation = {
-        path.parent.name: json.loads(path.read_text(encoding="utf-8"))["mIoU"]
-        for path in sorted(Path(args.evaluations).glob("*/metrics.json"))
+        path.parent.name: json.loads(path.read_text(encoding="utf-8"))["mIoU"] for path in files
     }
-    evaluated = [path.parent for path in sorted(Path(args.evaluations).glob("*/metrics.json"))]
+    evaluated = [path.parent for path in files]
     with _tracked("register", params, [args.model, *evaluated]) as run:
         version = register_module(
             args.model, params=params, name=args.name, evaluation=evaluation, run_id=run.run_id

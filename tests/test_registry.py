@@ -187,10 +187,13 @@ class ChannelMethod:
 
 
 def test_any_method_is_registered_with_exactly_the_files_its_model_json_lists(
-    store: Path, trained: tuple[Path, Any], tmp_path: Path
+    store: Path, trained: tuple[Path, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import mlflow
 
+    import fmbseg.methods
+
+    monkeypatch.setattr(fmbseg.methods, "_registry", dict(fmbseg.methods._registry))
     register_method("channels", ChannelMethod())
     folder = tmp_path / "channels"
     (folder / "weights").mkdir(parents=True)

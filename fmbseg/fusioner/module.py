@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmbseg.align.module import architecture_path
 from fmbseg.errors import WeightsError
 from fmbseg.io.atomic import atomic_write, write_text_atomic
 
@@ -135,10 +136,6 @@ class Fusioner(nn.Module):
         pixels = F.normalize(self.decoder(grid), dim=1)
         classes = F.normalize(classes, dim=-1)
         return torch.einsum("bdhw,bnd->bnhw", pixels, classes) / self.spec.temperature
-
-
-def architecture_path(weights: Path) -> Path:
-    return weights.with_suffix(".json")
 
 
 def save_fusioner(model: Fusioner, path: Path, **details: Any) -> None:

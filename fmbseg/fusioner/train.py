@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from fmbseg.align.features import IGNORE_PATCH, FeatureShard, FeatureShards
+from fmbseg.align.module import architecture_path
 from fmbseg.align.train import (
     TEXT_FILE,
     deterministic,
@@ -49,7 +50,7 @@ from fmbseg.charts import LOSS_CHART, LOSS_FILE, write_loss_curve
 from fmbseg.config import FusionerConfig, Params
 from fmbseg.errors import ConfigError, FmbsegError, InputError
 from fmbseg.fusioner.loss import IGNORED, masked_bce
-from fmbseg.fusioner.module import Fusioner, FusionerSpec, architecture_path, save_fusioner
+from fmbseg.fusioner.module import Fusioner, FusionerSpec, save_fusioner
 from fmbseg.io.atomic import write_text_atomic
 from fmbseg.io.checkpoints import (
     LATEST_FILE,

@@ -22,6 +22,14 @@ from fmbseg.oracle.scenes import OracleWorld, make_scene
 from fmbseg.segmenter import load_segmenter
 
 
+@pytest.fixture(autouse=True)
+def own_method_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Methods a test registers are gone after it."""
+    import fmbseg.methods
+
+    monkeypatch.setattr(fmbseg.methods, "_registry", dict(fmbseg.methods._registry))
+
+
 def test_unknown_method_names_the_key_and_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"train.method: unknown method 'nope' \(known: .*fmbseg"):
         get_method("nope")
